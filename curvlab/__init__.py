@@ -1,0 +1,25 @@
+"""curvlab: extreme eigenvalues of the Hessian of a neural network's full-data loss.
+
+The main entry point is :func:`curvlab.extremes`::
+
+    import curvlab, torch
+    r = curvlab.extremes(model, torch.nn.functional.cross_entropy, data)
+    r.lambda_max, r.lambda_min
+
+Layers, from the bottom: :mod:`curvlab.lanczos` (solvers on explicit
+operators), :mod:`curvlab.data` and :mod:`curvlab.functional` (data and model
+views), :mod:`curvlab.hvp` (Hessian-vector products), :mod:`curvlab.extremes`
+(the policy that combines them).
+"""
+
+from .data import as_batches
+from .extremes import CostRecord, ExtremesResult, extremes
+from .functional import FunctionalModel, ParamSpec, evaluation_mode
+from .hvp import HessianOperator
+from .lanczos import LanczosResult, lanczos
+
+__all__ = [
+    "extremes", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "LanczosResult",
+    "FunctionalModel", "ParamSpec", "evaluation_mode", "as_batches",
+]
+__version__ = "0.1.0"
