@@ -13,13 +13,13 @@ views), :mod:`curvlab.hvp` (Hessian-vector products), :mod:`curvlab.extremes`
 """
 
 from .data import as_batches
-from .extremes import CostRecord, ExtremesResult, extremes
+from .extremes import CURVATURES, CostRecord, ExtremesResult, extremes
 from .functional import FunctionalModel, ParamSpec, evaluation_mode
 from .hvp import HessianOperator
 from .lanczos import LanczosResult, lanczos
 
 __all__ = [
-    "extremes", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "LanczosResult",
+    "extremes", "CURVATURES", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "LanczosResult",
     "FunctionalModel", "ParamSpec", "evaluation_mode", "as_batches",
 ]
 __version__ = "0.1.0"
