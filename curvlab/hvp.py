@@ -284,5 +284,5 @@ class HessianOperator:
 def _check_finite_loss(loss: Tensor, index: int) -> None:
     if not torch.isfinite(loss.detach()).all():
         raise ValueError(
-            f"loss is not finite ({float(loss):g}) on batch {index}: check that batch's inputs "
+            f"loss is not finite ({float(loss.detach()):g}) on batch {index}: check that batch's inputs "
             "and targets, and the model's parameters")

@@ -1,0 +1,91 @@
+"""Shared tiny problems and dense references (float64 throughout)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+
+D = torch.float64
+
+def tiny_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def tiny_cnn_bn(seed=0):
+    """Conv -> BatchNorm -> ReLU -> Linear, with non-trivial running statistics."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten(),
+                      nn.Linear(3 * 4 * 4, 3)).double()
+    m[1].running_mean.normal_(0, 0.3)
+    m[1].running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.normal_(0, 0.2)
+    return m
+
+
+def classification_data(n, shape, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, *shape, generator=g, dtype=D)
+    Y = torch.randint(0, classes, (n,), generator=g)
+    return X, Y
+
+
+class Quadratic(nn.Module):
+    """``output_d = 0.5 * w^T S_d w``: with a mean loss the Hessian is ``mean_d S_d``.
+
+    Lets a test prescribe the Hessian's spectrum exactly.
+    """
+
+    def __init__(self, n, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(n, generator=g, dtype=D))
+
+    def forward(self, S):
+        return 0.5 * torch.einsum("i,bij,j->b", self.w, S, self.w)
+
+
+def mean_loss(out, y):
+    return out.mean()
+
+
+def quadratic_problem(eigenvalues, samples=20, seed=0):
+    """Per-sample symmetric ``S_d`` with ``mean_d S_d = Q diag(eigenvalues) Q^T``."""
+    ev = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    n = len(ev)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    H = (Q * ev) @ Q.T
+    noise = torch.randn(samples, n, n, generator=g, dtype=D)
+    noise = noise + noise.transpose(1, 2)
+    noise = noise - noise.mean(0)  # sample noise that averages out exactly
+    S = H + noise
+    return Quadratic(n, seed), (S, torch.zeros(samples, dtype=D)), H
+
+
+def dense_hessian(model, loss_fn, X, Y):
+    """Dense Hessian of the mean loss over all of (X, Y), trainable params, model in eval mode."""
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    others = {**{n: p.detach() for n, p in model.named_parameters() if not p.requires_grad},
+              **dict(model.named_buffers())}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat0 = torch.cat([params[n].reshape(-1) for n in names])
+
+    def f(flat):
+        chunks = torch.split(flat, sizes)
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return loss_fn(functional_call(model, {**p, **others}, (X,)), Y)
+
+    return hessian(f)(flat0)
+
+
+@pytest.fixture
+def ce():
+    return F.cross_entropy

@@ -1,0 +1,234 @@
+"""``curvlab.extremes`` against dense Hessians, and its handling of bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvlab
+import curvlab.extremes  # noqa: F401  (must import: the public module path)
+
+from conftest import (classification_data, dense_hessian, mean_loss, quadratic_problem,
+                      tiny_cnn_bn, tiny_mlp)
+
+D = torch.float64
+TOL = 1e-8
+TIGHT = dict(tol=TOL, tol_min=TOL, floor=0.0)  # no floor relative to lambda_max
+
+
+def _check_against_dense(r, Hd, tol=TOL, tol_min=TOL):
+    ev = torch.linalg.eigvalsh(Hd)
+    lmin, lmax = float(ev[0]), float(ev[-1])
+    # rounding slack of a float64 Rayleigh quotient: n * eps * ||H||
+    slack = Hd.shape[0] * torch.finfo(D).eps * max(abs(lmin), abs(lmax))
+    assert r.converged_max and r.converged_min
+    assert abs(r.lambda_max - lmax) <= tol * abs(lmax) + slack
+    assert abs(r.lambda_min - lmin) <= tol_min * abs(lmin) + slack
+    # the returned error bounds contain the true error, and the intervals the truth
+    assert abs(r.lambda_max - lmax) <= r.lambda_max_error + slack
+    assert abs(r.lambda_min - lmin) <= r.lambda_min_error + slack
+    assert r.interval_max[0] - slack <= lmax <= r.interval_max[1] + slack
+    assert r.interval_min[0] - slack <= lmin <= r.interval_min[1] + slack
+    return lmin, lmax
+
+
+def test_tiny_mlp_matches_dense():
+    model = tiny_mlp()
+    X, Y = classification_data(40, (5,))
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), **TIGHT, batch_size=16)
+    _check_against_dense(r, dense_hessian(model, F.cross_entropy, X, Y))
+    assert r.num_samples == 40 and r.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_cnn_with_batchnorm_matches_dense_in_eval_mode():
+    model = tiny_cnn_bn()
+    X, Y = classification_data(24, (2, 6, 6))
+    model.train()  # the caller trains; the Hessian is still the eval-mode one
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), **TIGHT, batch_size=10)
+    assert model.training
+    _check_against_dense(r, dense_hessian(model, F.cross_entropy, X, Y))
+
+
+def test_near_zero_negative_lambda_min_100x_smaller_than_lambda_max():
+    # Hessian = Q diag(ev) Q^T exactly: outliers up to 100, a bulk near zero,
+    # lambda_min = -1 (100x smaller in magnitude than lambda_max)
+    ev = torch.cat([torch.tensor([100., 40., 25.]), torch.linspace(-0.6, 0.8, 60), torch.tensor([-1.0])])
+    model, data, H = quadratic_problem(ev, samples=16)
+    r = curvlab.extremes(model, mean_loss, data, **TIGHT, batch_size=5)
+    lmin, lmax = _check_against_dense(r, H)
+    assert math.isclose(lmin, -1.0, rel_tol=1e-12) and math.isclose(lmax, 100.0, rel_tol=1e-12)
+
+
+def test_default_tolerances_meet_their_promise():
+    # the defaults: lambda_max within 1 %, lambda_min within 5 % of |lambda_min|
+    ev = torch.cat([torch.tensor([100., 40.]), torch.linspace(-0.3, 0.5, 200), torch.tensor([-0.5])])
+    model, data, H = quadratic_problem(ev, samples=8, seed=3)
+    r = curvlab.extremes(model, mean_loss, data)
+    # the default floor (1e-5 * lambda_max = 1e-3) is below 5 % of |lambda_min| = 0.025
+    _check_against_dense(r, H, tol=1e-2, tol_min=5e-2)
+
+
+def test_trained_mlp_with_dataloader_and_float64_request():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))  # float32 model
+    X, Y = classification_data(60, (4,))
+    X32 = X.float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(X32), Y).backward()
+        opt.step()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X32, Y), batch_size=25)
+    r = curvlab.extremes(model, F.cross_entropy, loader, dtype=D, **TIGHT)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    _check_against_dense(r, dense_hessian(model.double(), F.cross_entropy, X32.double(), Y))
+
+
+def test_which_one_end():
+    model = tiny_mlp()
+    X, Y = classification_data(20, (5,))
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), which="LA", tol=TOL)
+    ev = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, X, Y))
+    assert abs(r.lambda_max - float(ev[-1])) <= 1e-7 * abs(float(ev[-1]))
+    assert math.isnan(r.lambda_min) and r.vector_min is None and r.converged
+
+
+def test_warm_start_reuses_vectors_and_saves_products():
+    model = tiny_mlp()
+    X, Y = classification_data(40, (5,))
+    cold = curvlab.extremes(model, F.cross_entropy, (X, Y), tol=1e-6, tol_min=1e-6)
+    with torch.no_grad():  # a small training step: the next epoch's Hessian
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    warm = curvlab.extremes(model, F.cross_entropy, (X, Y), tol=1e-6, tol_min=1e-6, init=cold)
+    fresh = curvlab.extremes(model, F.cross_entropy, (X, Y), tol=1e-6, tol_min=1e-6)
+    assert warm.options["warm_start"] and not fresh.options["warm_start"]
+    assert warm.cost.hvps < fresh.cost.hvps
+    assert math.isclose(warm.lambda_max, fresh.lambda_max, rel_tol=1e-5)
+
+
+def test_cost_record_is_filled():
+    model = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), batch_size=7)
+    assert r.cost.hvps >= 1 and r.cost.samples == r.cost.hvps * 30
+    assert r.cost.passes >= 1 and r.cost.seconds > 0
+    assert r.history and "lambda_max" in r.history[-1]
+
+
+def test_result_is_frozen():
+    model = tiny_mlp()
+    r = curvlab.extremes(model, F.cross_entropy, classification_data(10, (5,)))
+    with pytest.raises(AttributeError):
+        r.lambda_max = 0.0
+
+
+# ----------------------------------------------------------------- state kept
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad) for n, p in model.named_parameters()],
+            [m.training for m in model.modules()], [p.grad for p in model.parameters()])
+
+
+def _assert_same(model, snap):
+    state, flags, modes, grads = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters()) and all(g is None for g in grads)
+
+
+def test_model_state_unchanged_after_call():
+    model = tiny_cnn_bn()
+    model.train()
+    model[1].eval()  # a mixed mode the caller chose: it must come back exactly
+    model[0].bias.requires_grad_(False)
+    snap = _snapshot(model)
+    curvlab.extremes(model, F.cross_entropy, classification_data(12, (2, 6, 6)))
+    _assert_same(model, snap)
+
+
+def test_model_state_unchanged_when_call_raises():
+    model = tiny_cnn_bn().train()
+    snap = _snapshot(model)
+    X, Y = classification_data(12, (2, 6, 6))
+    X[7] = float("nan")
+    with pytest.raises(ValueError):
+        curvlab.extremes(model, F.cross_entropy, (X, Y), batch_size=4)
+    _assert_same(model, snap)
+
+
+# ----------------------------------------------------------------- bad input
+
+def test_no_trainable_parameters():
+    model = tiny_mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters.*requires_grad"):
+        curvlab.extremes(model, F.cross_entropy, classification_data(10, (5,)))
+
+
+@pytest.mark.parametrize("empty", [[], (torch.zeros(0, 5, dtype=D), torch.zeros(0, dtype=torch.long))])
+def test_empty_data(empty):
+    with pytest.raises(ValueError, match="data is empty"):
+        curvlab.extremes(tiny_mlp(), F.cross_entropy, empty)
+
+
+def test_non_finite_loss_names_the_batch():
+    X, Y = classification_data(12, (5,))
+    X[9, 0] = float("nan")
+    with pytest.raises(ValueError, match="loss is not finite.*batch 2"):
+        curvlab.extremes(tiny_mlp(), F.cross_entropy, (X, Y), batch_size=4)
+
+
+def test_non_finite_hvp_names_the_batch():
+    # loss finite but its curvature infinite: sqrt(|w|) at w = 0 has an infinite second derivative
+    class Cusp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1, dtype=D))
+
+        def forward(self, x):
+            return x * torch.sqrt(self.w.abs() + x.abs() * 0)
+
+    X = torch.ones(6, 1, dtype=D)
+    with pytest.raises(ValueError, match="not finite on batch 0"):
+        curvlab.extremes(Cusp(), mean_loss, (X, torch.zeros(6, dtype=D)))
+
+
+def test_loss_that_is_not_a_scalar():
+    def per_sample(out, y):
+        return F.cross_entropy(out, y, reduction="none")
+
+    with pytest.raises(ValueError, match="not a scalar.*reduction='mean'"):
+        curvlab.extremes(tiny_mlp(), per_sample, classification_data(10, (5,)))
+
+
+@pytest.mark.parametrize("data", [42, torch.randn(10, 5), "data.pt", [(torch.randn(3, 5),)]])
+def test_data_of_the_wrong_kind(data):
+    with pytest.raises(TypeError, match="DataLoader|pair"):
+        curvlab.extremes(tiny_mlp(), F.cross_entropy, data)
+
+
+def test_model_of_the_wrong_kind():
+    with pytest.raises(TypeError, match="nn.Module"):
+        curvlab.extremes(lambda x: x, F.cross_entropy, classification_data(4, (5,)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(which="max"), "which"), (dict(curvature="hessian-free"), "curvature must be one of"),
+    (dict(tol=0), "tol"), (dict(max_hvps=-1), "max_hvps"), (dict(method="x"), "method"),
+    (dict(init="previous"), "init"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        curvlab.extremes(tiny_mlp(), F.cross_entropy, classification_data(4, (5,)), **kwargs)
+
+
+def test_init_from_another_architecture():
+    r = curvlab.extremes(tiny_mlp(), F.cross_entropy, classification_data(8, (5,)))
+    other = nn.Linear(5, 3).double()
+    with pytest.raises(ValueError, match="same architecture"):
+        curvlab.extremes(other, F.cross_entropy, classification_data(8, (5,)), init=r)

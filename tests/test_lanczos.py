@@ -1,0 +1,139 @@
+"""Thick-restart block Lanczos on explicit matrices with prescribed spectra."""
+
+import pytest
+import torch
+
+from curvlab.lanczos import lanczos, orthonormalize
+
+D = torch.float64
+
+
+def sym_with_spectrum(ev, seed=0):
+    ev = torch.as_tensor(ev, dtype=D)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=D))
+    return (Q * ev) @ Q.T, Q
+
+
+def outliers_and_bulk(n=600, lam_min=-0.5, seed=0):
+    """The shape of a network Hessian: 10 outliers up to 100, a dense bulk near zero.
+
+    The bulk fills [0.6 lam_min, 0.6]; lam_min itself is separated from it by
+    0.4 |lam_min|, so residual norms (the bound the solver stops on) can reach
+    1e-9 relative in a few hundred products.
+    """
+    g = torch.Generator().manual_seed(seed)
+    edge = 0.6 * lam_min
+    bulk = edge + (0.6 - edge) * torch.rand(n - 11, generator=g, dtype=D) ** 3
+    top = torch.tensor([100., 60, 40, 30, 20, 15, 12, 10, 9, 8], dtype=D)
+    return torch.cat([top, bulk, torch.tensor([lam_min], dtype=D)])
+
+
+def op(A):
+    return lambda V: V @ A
+
+
+@pytest.mark.parametrize("max_basis", [12, 30, 200])
+def test_both_ends_match_eigvalsh(max_basis):
+    ev = outliers_and_bulk()
+    A, _ = sym_with_spectrum(ev)
+    r = lanczos(op(A), A.shape[0], tol=1e-9, dtype=D, max_matvecs=5000, max_basis=max_basis)
+    true = torch.linalg.eigvalsh(A)
+    assert r.all_converged
+    assert abs(float(r.values[0] - true[0])) <= 1e-9 * abs(float(true[0]))
+    assert abs(float(r.values[-1] - true[-1])) <= 1e-9 * abs(float(true[-1]))
+    if max_basis == 12:
+        assert r.restarts > 0  # the restart path was exercised
+
+
+def test_residual_bounds_contain_error_and_ritz_values_err_inward():
+    ev = outliers_and_bulk(lam_min=-0.4)
+    A, _ = sym_with_spectrum(ev, seed=1)
+    true = torch.linalg.eigvalsh(A)
+    # float64 rounding in a Rayleigh quotient is about n * eps * ||A||: allow that much
+    slack = A.shape[0] * torch.finfo(D).eps * float(true.abs().max())
+    for tol in (1e-1, 1e-2, 1e-4):
+        r = lanczos(op(A), A.shape[0], tol=tol, dtype=D, max_matvecs=3000, max_basis=40)
+        lo, hi = float(r.values[0]), float(r.values[-1])
+        assert lo >= float(true[0]) - slack and hi <= float(true[-1]) + slack  # Courant-Fischer
+        assert lo - float(true[0]) <= float(r.residual_norms[0]) + slack
+        assert float(true[-1]) - hi <= float(r.residual_norms[-1]) + slack
+
+
+def test_stopping_rule_is_relative_to_lambda_min_not_to_spread():
+    ev = outliers_and_bulk(lam_min=-0.5)
+    A, _ = sym_with_spectrum(ev, seed=2)
+    r = lanczos(op(A), A.shape[0], tol=0.05, dtype=D, max_matvecs=3000)
+    # the bound is 5% of |lambda_min| = 0.025, far below 5% of the spread (5.0)
+    assert r.converged[0] and float(r.residual_norms[0]) <= 0.05 * abs(float(r.values[0]))
+    assert abs(float(r.values[0]) + 0.5) <= 0.025
+
+
+def test_per_end_tolerances():
+    A, _ = sym_with_spectrum(outliers_and_bulk(), seed=3)
+    r = lanczos(op(A), A.shape[0], tol=(1e-1, 1e-10), dtype=D, max_matvecs=3000)
+    assert float(r.residual_norms[-1]) <= 1e-10 * abs(float(r.values[-1]))
+    assert float(r.residual_norms[0]) <= 1e-1 * abs(float(r.values[0]))
+
+
+def test_k_pairs_per_end():
+    ev = torch.cat([torch.arange(1., 201.), -torch.arange(1., 4.)]).to(D)
+    A, _ = sym_with_spectrum(ev, seed=4)
+    r = lanczos(op(A), A.shape[0], which="both", k=3, tol=1e-10, dtype=D, max_matvecs=3000)
+    assert torch.allclose(r.values, torch.tensor([-3., -2., -1., 198., 199., 200.], dtype=D), atol=1e-8)
+    # Ritz vectors are orthonormal eigenvectors
+    assert torch.allclose(r.vectors @ r.vectors.T, torch.eye(6, dtype=D), atol=1e-10)
+    assert torch.allclose(r.vectors @ A, r.values[:, None] * r.vectors, atol=1e-7)
+
+
+def test_deflation_excludes_given_vectors():
+    ev = torch.tensor([50., 40., 3., 2., 1., 0.5, -0.1] + [0.2] * 50, dtype=D)
+    A, Q = sym_with_spectrum(ev, seed=5)
+    r = lanczos(op(A), A.shape[0], which="LA", tol=1e-10, deflate=Q[:, :2].T, dtype=D)
+    assert abs(float(r.values[-1]) - 3.0) < 1e-8
+
+
+def test_block_start_from_exact_eigenvectors_converges_at_once():
+    ev = outliers_and_bulk()
+    A, Q = sym_with_spectrum(ev, seed=6)
+    imin, imax = int(ev.argmin()), int(ev.argmax())
+    v0 = torch.stack([Q[:, imax], Q[:, imin]])
+    r = lanczos(op(A), A.shape[0], tol=1e-8, v0=v0, dtype=D)
+    assert r.calls == 1 and r.matvecs == 2 and r.all_converged
+
+
+def test_small_space_is_exhausted_exactly():
+    A, _ = sym_with_spectrum([3., 1., -2.], seed=7)
+    r = lanczos(op(A), 3, tol=1e-12, dtype=D, max_basis=60)
+    assert torch.allclose(r.values, torch.tensor([-2., 3.], dtype=D), atol=1e-12)
+
+
+def test_budget_is_respected():
+    A, _ = sym_with_spectrum(outliers_and_bulk(), seed=8)
+    r = lanczos(op(A), A.shape[0], tol=1e-14, dtype=D, max_matvecs=10)
+    assert r.matvecs <= 10 and not r.all_converged
+
+
+def test_orthonormalize_drops_dependent_rows():
+    g = torch.Generator().manual_seed(0)
+    B = orthonormalize(torch.randn(3, 20, generator=g, dtype=D))
+    W = torch.cat([B[:1] * 2 + B[1:2], torch.randn(1, 20, generator=g, dtype=D)])
+    Q = orthonormalize(W, B)
+    assert Q.shape[0] == 1
+    assert torch.allclose(Q @ B.T, torch.zeros(1, 3, dtype=D), atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(which="middle"), "which"),
+    (dict(k=0), "k must"),
+    (dict(tol=0.0), "not all zero"),
+])
+def test_bad_arguments(kwargs, match):
+    A, _ = sym_with_spectrum([1., 2., 3.])
+    with pytest.raises(ValueError, match=match):
+        lanczos(op(A), 3, dtype=D, **kwargs)
+
+
+def test_wrong_matvec_shape_raises():
+    with pytest.raises(ValueError, match="matvec returned"):
+        lanczos(lambda V: V[:, :2], 3, dtype=D)
