@@ -72,6 +72,40 @@ class Batches:
                 pass
         return self._num_samples
 
+    def subset(self, index: Tensor) -> "Batches":
+        """The samples at ``index`` (positions in pass order, a 1-d int tensor).
+
+        A DataLoader over a map-style dataset is subset through its dataset
+        (so nothing is loaded upfront); other sources are read once and their
+        batches concatenated into tensors (inputs and targets must then be
+        tensors).
+        """
+        src = self._source
+        if (isinstance(src, torch.utils.data.DataLoader)
+                and isinstance(src.dataset, torch.utils.data.Dataset)
+                and not isinstance(src.dataset, torch.utils.data.IterableDataset)
+                and isinstance(src.sampler, torch.utils.data.SequentialSampler)):
+            sub = torch.utils.data.Subset(src.dataset, index.tolist())
+            return Batches(torch.utils.data.DataLoader(
+                sub, batch_size=src.batch_size or 256, collate_fn=src.collate_fn,
+                num_workers=src.num_workers, pin_memory=src.pin_memory))
+        X, Y = self.materialize()
+        return TensorBatches(X, Y, self._batch_size_hint()).subset(index)
+
+    def materialize(self) -> Tuple[Tensor, Tensor]:
+        """All samples as two tensors ``(X, Y)`` in pass order (read once, then cached)."""
+        if getattr(self, "_tensors", None) is None:
+            xs, ys = zip(*self)
+            if not all(isinstance(t, Tensor) for t in xs + ys):
+                raise TypeError("subsampling needs batches whose inputs and targets are tensors")
+            self._tensors = (torch.cat(xs), torch.cat(ys))
+        return self._tensors
+
+    def _batch_size_hint(self) -> int:
+        for x, _ in self:
+            return max(1, batch_size_of(x))
+        return 256
+
     def check_nonempty(self) -> None:
         if self.num_samples == 0:
             raise ValueError("data is empty: it yielded no samples; pass at least one (x, y) batch")
@@ -95,6 +129,9 @@ class TensorBatches(Batches):
     def subset(self, index: Tensor) -> "TensorBatches":
         """The samples ``index`` (a 1-d index tensor) as new batches."""
         return TensorBatches(self.X[index], self.Y[index], self.batch_size)
+
+    def materialize(self) -> Tuple[Tensor, Tensor]:
+        return self.X, self.Y
 
 
 def as_batches(data, batch_size: int = 256) -> Batches:

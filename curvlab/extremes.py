@@ -9,8 +9,9 @@ usable on its own.
 from __future__ import annotations
 
 import time
+from statistics import NormalDist
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +19,12 @@ from torch import Tensor, nn
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, Cost, HessianOperator
 from .lanczos import lanczos
+from .sampling import extreme_interval, holdout_rayleigh, sample_size_for
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
 CURVATURES = ("none",)
+
 
 
 @dataclass(frozen=True)
@@ -29,51 +32,74 @@ class CostRecord:
     """What a call spent.
 
     Attributes:
-        hvps: Hessian-vector products in full-data equivalents (a product over
-            ``m`` of the ``N`` samples counts ``m / N``).
-        samples: per-sample HVP evaluations (``N`` per full-data product).
-        passes: passes over (a subset of) the data made for products.
+        hvps: Hessian-vector products in full-data equivalents: ``samples / N``
+            (a product over ``m`` of the ``N`` samples counts ``m / N``; a
+            per-sample curvature evaluation counts like one sample of a product).
+        samples: per-sample product evaluations, HVPs and curvature ones.
+        passes: passes over (a subset of) the data.
+        products: vectors multiplied by a (possibly subsampled) Hessian.
         seconds: wall time of the whole call.
     """
 
     hvps: float
     samples: int
     passes: int
+    products: int
     seconds: float
 
     @staticmethod
-    def from_cost(cost: Cost, seconds: float) -> "CostRecord":
-        return CostRecord(hvps=cost.hvps, samples=cost.samples, passes=cost.passes, seconds=seconds)
+    def total(costs, num_samples: int, seconds: float) -> "CostRecord":
+        samples = sum(c.samples for c in costs)
+        return CostRecord(hvps=samples / num_samples, samples=samples,
+                          passes=sum(c.passes for c in costs),
+                          products=int(sum(c.hvps for c in costs)), seconds=seconds)
 
 
 @dataclass(frozen=True)
 class ExtremesResult:
-    """Both extremes of the Hessian spectrum, with error bounds and cost.
+    """Both extremes of the Hessian spectrum, with error bars and cost.
 
-    Ritz values err inward (Courant-Fischer): ``lambda_max`` is never above the
-    true largest eigenvalue and ``lambda_min`` never below the true smallest.
-    The error bounds are residual norms ``||H v - lambda v||``: an eigenvalue
-    lies within that distance, so ``interval_max = (lambda_max, lambda_max +
-    lambda_max_error)`` and ``interval_min = (lambda_min - lambda_min_error,
-    lambda_min)`` contain the true extremes once the Ritz pairs have found them.
+    ``lambda_max`` and ``lambda_min`` lie in the intervals ``interval_max`` and
+    ``interval_min``; ``lambda_*_error`` is the larger distance from the
+    estimate to an end of its interval.  How they are made:
+
+    * **exact** (all data, ``sample_size == num_samples``): Ritz values err
+      inward (Courant-Fischer) and an eigenvalue lies within the residual norm
+      ``||H v - theta v||`` of each, so ``interval_max = (theta, theta + res)``
+      and ``interval_min = (theta - res, theta)``; the estimate is the Ritz
+      value ``theta`` (its error is usually far below ``res``: ``res^2 / gap``).
+    * **subsampled** (a fixed random subset ``S`` of ``sample_size`` samples):
+      the vector found on ``S`` is evaluated on independent samples (sample
+      splitting); the resulting unbiased Rayleigh quotient of the full-data
+      Hessian bounds ``lambda_max`` from below (``lambda_min`` from above) up to
+      its confidence half-width; the subsample's own extreme Ritz value (biased
+      outward) and the confidence bound form the other side.
+      The estimate is the interval's centre. ``error_parts`` says how much of
+      the width is sampling, how much solver.
 
     Attributes:
-        lambda_max, lambda_min: the estimates (``nan`` for an end not asked for).
-        lambda_max_error, lambda_min_error: residual-norm error bounds.
-        converged_max, converged_min: whether the stopping rule held.
+        lambda_max, lambda_min: estimates (``nan`` for an end not asked for).
+        lambda_max_error, lambda_min_error: error bounds (see above).
+        interval_max, interval_min: ``(low, high)``.
+        converged_max, converged_min: whether the end met its tolerance.
         vector_max, vector_min: unit eigenvector estimates, flat ``(n,)`` in the
             parameter order of ``model.named_parameters()`` (trainable ones),
             on the computation device.
         cost: :class:`CostRecord`.
         num_params, num_samples: ``n`` and ``N``.
+        sample_size: samples the final solve used (``N`` when exact).
+        error_parts: per end, ``{"solver": residual norm, "sampling": z * standard error}``.
+        levels: per subsample level, what was tried and found.
         history: the solver's per-step trace (for convergence plots).
-        options: the options used (``tol``, ``method``, ...), for the record.
+        options: the options used, for the record.
     """
 
     lambda_max: float
     lambda_min: float
     lambda_max_error: float
     lambda_min_error: float
+    interval_max: Tuple[float, float]
+    interval_min: Tuple[float, float]
     converged_max: bool
     converged_min: bool
     vector_max: Optional[Tensor] = field(repr=False)
@@ -81,16 +107,11 @@ class ExtremesResult:
     cost: CostRecord
     num_params: int
     num_samples: int
+    sample_size: int
+    error_parts: dict = field(default_factory=dict, repr=False)
+    levels: List[dict] = field(default_factory=list, repr=False)
     history: List[dict] = field(default_factory=list, repr=False)
     options: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def interval_max(self) -> tuple[float, float]:
-        return (self.lambda_max, self.lambda_max + self.lambda_max_error)
-
-    @property
-    def interval_min(self) -> tuple[float, float]:
-        return (self.lambda_min - self.lambda_min_error, self.lambda_min)
 
     @property
     def converged(self) -> bool:
@@ -98,14 +119,15 @@ class ExtremesResult:
         return ((want == "SA" or self.converged_max) and (want == "LA" or self.converged_min))
 
 
-def _check_positive(name: str, value, kind=float) -> None:
+def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
              tol: float = 1e-2, tol_min: float | None = 5e-2, floor: float = 1e-5,
-             max_hvps: int = 300, max_basis: int = 40, init: ExtremesResult | None = None,
+             max_hvps: float = 300, max_basis: int = 40, init: ExtremesResult | None = None,
+             sampling: str = "auto", sample_size: int | None = None, confidence: float = 0.95,
              seed: int = 0, device=None, dtype: torch.dtype | None = None,
              batch_size: int = 256, method: str = "auto", curvature: str = "none",
              progress: bool = False, callback: Callable[[dict], None] | None = None
@@ -113,13 +135,29 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     """Largest and smallest eigenvalue of the Hessian of the full-data mean loss.
 
     Computes the extremes of the spectrum of ``H = (1/N) sum_d hess_x loss(x, d)``
-    at the model's current parameters ``x`` (the trainable ones), by Lanczos
-    with full reorthogonalisation and thick restarts on exact full-data
-    Hessian-vector products.  The Hessian is defined with the model in **eval
-    mode** (BatchNorm uses running statistics, dropout is off); the model is
-    put in eval mode for the call and every submodule's mode is restored
-    afterwards, also on error.  The model's parameters, buffers and
-    ``requires_grad`` flags are never written.
+    at the model's current parameters ``x`` (the trainable ones) by Lanczos
+    with full reorthogonalisation and thick restarts on exact Hessian-vector
+    products (:mod:`curvlab.lanczos`, :mod:`curvlab.hvp`).  The Hessian is
+    defined with the model in **eval mode** (BatchNorm uses running
+    statistics, dropout is off); the model is put in eval mode for the call and
+    every submodule's mode is restored afterwards, also on error.  The model's
+    parameters, buffers and ``requires_grad`` flags are never written.
+
+    Two regimes (``sampling``):
+
+    ``"exact"``
+        every product is over all ``N`` samples; the error bounds are residual
+        norms (to solver tolerance, no statistics).
+    ``"multilevel"``
+        the solver runs on a fixed random subset ``S`` (``sample_size``
+        samples, default 2048 or the previous call's choice), its vectors are
+        checked on an independent subset of the same size (per-sample
+        ``v^T H_d v``, sample splitting), and ``S`` grows (warm-started) until
+        the interval is within tolerance, up to the full data.  Costs a
+        fraction of one full-data product per eigenvalue on large data sets;
+        intervals are ``confidence`` intervals, not guarantees.
+    ``"auto"`` (default): exact when ``N <= 4 * sample_size``, where
+    subsampling cannot save much, multilevel otherwise.
 
     Args:
         model: the network.
@@ -129,19 +167,23 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             ``(X, Y)`` of tensors (cut into ``batch_size`` batches).  It must give
             the same samples on every pass: no random augmentation.
         which: ``"both"``, ``"LA"`` (largest only) or ``"SA"`` (smallest only).
-        tol: relative error bound wanted for ``lambda_max``:
-            stop when ``||H v - theta v|| <= tol * |theta|``.
+        tol: relative error wanted for ``lambda_max`` (half-width of its interval
+            over ``|lambda_max|``; exact regime: ``||H v - theta v|| <= tol |theta|``).
         tol_min: the same for ``lambda_min``, relative to ``|lambda_min|`` (not to
             ``lambda_max``); ``None`` means ``tol``.
-        floor: an eigenvalue also counts as converged when its residual is below
+        floor: an end also counts as converged when its error is below
             ``floor * |lambda_max|``: a ``lambda_min`` that is zero at the scale of
             ``lambda_max`` cannot be resolved relatively.
-        max_hvps: budget in full-data Hessian-vector products.
+        max_hvps: budget in full-data Hessian-vector product equivalents.
         max_basis: Krylov basis size before a thick restart (memory: twice
             this many vectors of length ``n``).
-        init: a previous :class:`ExtremesResult` (same model architecture): its
-            eigenvectors start the solver (warm start across epochs).
-        seed: seeds the random start vectors.
+        init: a previous :class:`ExtremesResult` (same architecture): its
+            eigenvectors start the solver and, subsampled, its final sample
+            size is the first one tried (warm start across epochs).
+        sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
+        sample_size: first subsample size (multilevel).
+        confidence: level of the sampling intervals (multilevel).
+        seed: seeds the random start vectors and subsamples.
         device, dtype: of the computation (default: the model's); e.g.
             ``dtype=torch.float64`` for reference values.
         batch_size: batch size when ``data`` is ``(X, Y)``.
@@ -152,9 +194,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         callback: called with each solver step's trace entry.
 
     Returns:
-        :class:`ExtremesResult`.  Cost: about as many full-data HVPs as
-        Lanczos steps (``result.cost.hvps``); one HVP is roughly 2-3 gradient
-        passes over the data.
+        :class:`ExtremesResult`; ``result.cost.hvps`` is the work in full-data
+        Hessian-vector products (one is roughly 2-3 gradient passes).
 
     Example:
         >>> import torch, curvlab
@@ -171,9 +212,16 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     tol_min = tol if tol_min is None else tol_min
-    for name, value in (("tol", tol), ("tol_min", tol_min), ("max_hvps", max_hvps), ("max_basis", max_basis)):
+    for name, value in (("tol", tol), ("tol_min", tol_min), ("max_hvps", max_hvps),
+                        ("max_basis", max_basis)):
         _check_positive(name, value)
+    if sample_size is not None and (not isinstance(sample_size, int) or sample_size < 2):
+        raise ValueError(f"sample_size must be an int >= 2, got {sample_size!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if floor < 0:
         raise ValueError(f"floor must be >= 0, got {floor!r}")
     if init is not None and not isinstance(init, ExtremesResult):
@@ -184,36 +232,191 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     with evaluation_mode(model):
         fmodel = FunctionalModel(model, dtype=dtype, device=device)
         H = HessianOperator(None, loss_fn, data, batch_size=batch_size, method=method, fmodel=fmodel)
+        N = H.num_samples
         v0 = _warm_start(init, fmodel.numel)
+        m0 = sample_size or (init.sample_size if init is not None and init.sample_size < init.num_samples
+                             else DEFAULT_SAMPLE)
+        regime = sampling
+        if sampling == "auto":
+            regime = "exact" if N <= 4 * m0 else "multilevel"
         bar = _progress_bar(progress, max_hvps)
-
-        def step(entry):
-            if bar is not None:
-                bar.update(entry["matvecs"] - bar.n)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k.startswith("lambda")})
-            if callback is not None:
-                callback(entry)
-
+        ctx = _Context(H=H, which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
+                       max_basis=max_basis, seed=seed, bar=bar, callback=callback,
+                       z=NormalDist().inv_cdf(0.5 + confidence / 2))
         try:
-            res = _solve(H, which, tol, tol_min, floor, max_hvps, max_basis, v0, seed, step)
+            if regime == "exact":
+                ends = _exact(ctx, H, v0)
+                levels, m_final = [], N
+            else:
+                ends, levels, m_final = _multilevel(ctx, v0, m0)
         finally:
             if bar is not None:
                 bar.close()
 
     nan = float("nan")
     out = dict(lambda_max=nan, lambda_min=nan, lambda_max_error=nan, lambda_min_error=nan,
-               converged_max=False, converged_min=False, vector_max=None, vector_min=None)
-    for end, (value, vector, error, conv) in res["ends"].items():
-        out[f"lambda_{end}"] = value
-        out[f"lambda_{end}_error"] = error
-        out[f"converged_{end}"] = conv
-        out[f"vector_{end}"] = vector
+               interval_max=(nan, nan), interval_min=(nan, nan), converged_max=False,
+               converged_min=False, vector_max=None, vector_min=None)
+    parts = {}
+    for end, e in ends.items():
+        lo, hi = e["interval"]
+        out[f"lambda_{end}"] = e["value"]
+        out[f"lambda_{end}_error"] = max(hi - e["value"], e["value"] - lo)
+        out[f"interval_{end}"] = (lo, hi)
+        out[f"converged_{end}"] = e["converged"]
+        out[f"vector_{end}"] = e["vector"]
+        parts[end] = {"solver": e["solver"], "sampling": e["sampling"]}
     options = dict(which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                    max_basis=max_basis, seed=seed, method=H.method, curvature=curvature,
-                   dtype=str(fmodel.dtype), device=str(fmodel.device), warm_start=v0 is not None)
-    return ExtremesResult(**out, cost=CostRecord.from_cost(H.cost, time.perf_counter() - t0),
-                          num_params=fmodel.numel, num_samples=H.num_samples,
-                          history=res["history"], options=options)
+                   sampling=regime, confidence=confidence, dtype=str(fmodel.dtype),
+                   device=str(fmodel.device), warm_start=v0 is not None)
+    cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0)
+    return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
+                          sample_size=m_final, error_parts=parts, levels=levels,
+                          history=ctx.history, options=options)
+
+
+SAMPLINGS = ("auto", "exact", "multilevel")
+DEFAULT_SAMPLE = 2048
+
+
+@dataclass
+class _Context:
+    """What the solve stages share: the full operator, tolerances, budget, trace."""
+
+    H: HessianOperator
+    which: str
+    tol: float
+    tol_min: float
+    floor: float
+    max_hvps: float
+    max_basis: int
+    seed: int
+    bar: object
+    callback: Optional[Callable]
+    z: float
+    costs: List[Cost] = field(default_factory=list)
+    history: List[dict] = field(default_factory=list)
+
+    def spent(self) -> float:
+        """Full-data HVP equivalents spent so far."""
+        return sum(c.samples for c in self.costs + [self.H.cost]) / self.H.num_samples
+
+    def step(self, entry: dict, scale: float) -> None:
+        """Record one solver step (``scale``: samples per product over N)."""
+        entry = dict(entry, hvps=self.spent())
+        self.history.append(entry)
+        if self.bar is not None:
+            self.bar.update(max(0.0, round(entry["hvps"], 2) - self.bar.n))
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k.startswith("lambda")})
+        if self.callback is not None:
+            self.callback(entry)
+
+
+def _ends_of(which: str) -> List[str]:
+    return {"both": ["min", "max"], "SA": ["min"], "LA": ["max"]}[which]
+
+
+def _lanczos(ctx: _Context, op: HessianOperator, ends: List[str], v0, tol_scale: float,
+             budget_hvps: float):
+    """Lanczos on ``op`` for ``ends``; returns ``{end: (theta, vector, residual, converged)}``."""
+    which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
+    frac = op.num_samples / ctx.H.num_samples
+    max_matvecs = max(2, int(budget_hvps / frac))
+    res = lanczos(op.matvec, op.n, which=which, k=1, v0=v0,
+                  tol=(ctx.tol_min * tol_scale, ctx.tol * tol_scale), floor=ctx.floor * tol_scale,
+                  max_matvecs=max_matvecs, max_basis=ctx.max_basis, dtype=op.dtype,
+                  device=op.device, seed=ctx.seed, callback=lambda e: ctx.step(e, frac))
+    out = {}
+    if "min" in ends:
+        out["min"] = (float(res.values[0]), res.vectors[0], float(res.residual_norms[0]),
+                      bool(res.converged[0]))
+    if "max" in ends:
+        out["max"] = (float(res.values[-1]), res.vectors[-1], float(res.residual_norms[-1]),
+                      bool(res.converged[-1]))
+    return out
+
+
+def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None) -> dict:
+    """Full-data Lanczos; intervals from Courant-Fischer and residual norms."""
+    ends = ends or _ends_of(ctx.which)
+    budget = ctx.max_hvps - ctx.spent()
+    found = _lanczos(ctx, H, ends, v0, 1.0, budget)
+    out = {}
+    for end, (theta, vec, res, conv) in found.items():
+        interval = (theta, theta + res) if end == "max" else (theta - res, theta)
+        out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv, solver=res,
+                        sampling=0.0)
+    return out
+
+
+def _multilevel(ctx: _Context, v0, m: int):
+    """Solve on growing nested subsamples until the intervals meet the tolerances.
+
+    At a level with subsample ``S`` (``m`` samples) and an independent holdout
+    ``T`` (the next ``m`` samples of the same random permutation):
+
+    1. Lanczos on ``H_S`` (warm-started), to half the tolerance;
+    2. for each end's Ritz pair ``(theta_S, v)``: per-sample ``q_d = v^T H_d v`` on
+       ``T`` estimate the Rayleigh quotient of the *full* Hessian without the
+       selection bias of ``S``:
+       ``r = (m theta_S + (N - m) mean_T q) / N``, standard error
+       ``se = (N - m)/N * std_T(q) / sqrt(|T|) * sqrt(1 - |T| / (N - m))``;
+    3. ``lambda_max >= r(v)`` (Courant-Fischer), so ``r - z se`` is a lower
+       confidence bound; the upper side is ``max(theta_S + res_S, r + z se)``:
+       the subsample's own extreme is biased outward (its expectation is
+       beyond the full-data one), the confidence bound covers the case where
+       that bias is small.  Mirrored for ``lambda_min``;
+    4. an end is done when its half-width is within tolerance; otherwise the
+       next size follows from the observed half-width, which shrinks like
+       ``1/sqrt(m)``: ``m' = m (halfwidth / target)^2`` (at least ``2m``).  Once
+       ``m' >= N/2`` the remaining ends are solved exactly on all data.
+    """
+    H, N = ctx.H, ctx.H.num_samples
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
+    todo = _ends_of(ctx.which)
+    done: dict = {}
+    levels: List[dict] = []
+    start, m_used = v0, m
+    while todo:
+        if 2 * m > N or ctx.spent() >= ctx.max_hvps:
+            done.update(_exact(ctx, H, start, todo))
+            return done, levels, N
+        S = H.batches.subset(perm[:m])
+        T = H.batches.subset(perm[m:2 * m])
+        HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
+        HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
+        ctx.costs += [HS.cost, HT.cost]
+        budget = max(0.0, ctx.max_hvps - ctx.spent())
+        found = _lanczos(ctx, HS, todo, start, 0.5, budget)
+        level = {"sample_size": m, "ends": {}}
+        need = m
+        for end, (theta, vec, res, conv) in found.items():
+            q = HT.per_sample_curvature(vec)
+            HT.cost.samples += len(q)
+            HT.cost.passes += 1
+            est = holdout_rayleigh(theta, m, q, N)
+            interval = extreme_interval(end, est, theta, res, ctx.z, m, N)
+            half = (interval[1] - interval[0]) / 2
+            centre = (interval[0] + interval[1]) / 2
+            top = found["max"][0] if "max" in found else done.get("max", {}).get("value", 0.0)
+            target = max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre),
+                         ctx.floor * abs(top))
+            ok = half <= target
+            level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
+                                      standard_error=est.se, interval=interval, accepted=ok)
+            if ok:
+                done[end] = dict(value=centre, interval=interval, vector=vec, converged=True,
+                                 solver=res, sampling=ctx.z * est.se)
+            else:
+                need = max(need, sample_size_for(m, half, target, N))
+        level["hvps_so_far"] = ctx.spent()
+        levels.append(level)
+        m_used = m
+        todo = [e for e in todo if e not in done]
+        start = torch.stack([found[e][1] for e in todo]) if todo else None
+        m = need
+    return done, levels, m_used
 
 
 def _warm_start(init: ExtremesResult | None, n: int) -> Optional[Tensor]:
@@ -229,23 +432,8 @@ def _warm_start(init: ExtremesResult | None, n: int) -> Optional[Tensor]:
     return torch.stack([v.reshape(-1) for v in vecs])
 
 
-def _progress_bar(progress: bool, total: int):
+def _progress_bar(progress: bool, total: float):
     if not progress:
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="extremes", unit="hvp", leave=False)
-
-
-def _solve(H: HessianOperator, which, tol, tol_min, floor, max_hvps, max_basis, v0, seed, step):
-    """Lanczos on the wanted end(s), each with its own relative tolerance."""
-    result = lanczos(H.matvec, H.n, which=which, k=1, v0=v0, tol=(tol_min, tol), floor=floor,
-                     max_matvecs=max_hvps, max_basis=max_basis, dtype=H.dtype, device=H.device,
-                     seed=seed, callback=step)
-    ends = {}
-    if which in ("SA", "both"):
-        ends["min"] = (float(result.values[0]), result.vectors[0], float(result.residual_norms[0]),
-                       bool(result.converged[0]))
-    if which in ("LA", "both"):
-        ends["max"] = (float(result.values[-1]), result.vectors[-1], float(result.residual_norms[-1]),
-                       bool(result.converged[-1]))
-    return {"ends": ends, "history": result.history}
