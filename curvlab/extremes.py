@@ -344,10 +344,17 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     found = _lanczos(ctx, H, ends, v0, 1.0, budget)
     out = {}
     for end, (theta, vec, res, conv) in found.items():
-        interval = (theta, theta + res) if end == "max" else (theta - res, theta)
+        # Courant-Fischer holds in exact arithmetic; a computed Rayleigh quotient can
+        # pass the true extreme by its rounding error, about sqrt(n) eps |theta|
+        slack = _rounding(H, theta)
+        interval = (theta - slack, theta + res) if end == "max" else (theta - res, theta + slack)
         out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv, solver=res,
                         sampling=0.0)
     return out
+
+
+def _rounding(H: HessianOperator, theta: float) -> float:
+    return H.n ** 0.5 * torch.finfo(H.dtype).eps * abs(theta)
 
 
 def _multilevel(ctx: _Context, v0, m: int):
