@@ -175,13 +175,14 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
     b = block_size or max(1, rows)
     b = min(b, room)
     n_ends = 2 if which == "both" else 1
-    max_basis = max(min(max_basis, room), min(room, n_ends * k + b))
+    b0 = min(max(b, rows), room)  # the start block may be wider than the later ones
+    max_basis = max(min(max_basis, room), min(room, n_ends * k + b0 + b))
 
     # start block: given vectors, then random ones, orthonormal and orthogonal to U
     P = orthonormalize(v0, U) if rows else like.new_zeros(0, n)
-    P = P[:b]
     while P.shape[0] < b:
         P = torch.cat([P, orthonormalize(_random_block(b - P.shape[0], n, like, gen), _cat(U, P))])
+    wide_start = P.shape[0] > b
 
     V = like.new_zeros(0, n)
     AV = like.new_zeros(0, n)
@@ -227,8 +228,17 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         if bool(conv.all()) or exhausted or matvecs + b > max_matvecs:
             break
 
-        # next block: A P orthogonalised against the basis (and the deflated span)
-        W_proj = W if U is None else W - (W @ U.T) @ U
+        # next block: A P orthogonalised against the basis (and the deflated span).
+        # After a start block wider than b (a subspace, e.g. an approximation's top
+        # eigenvectors), keep only the wanted Ritz vectors Y of that subspace and go on
+        # from their residuals R: A Y = Y Theta + R, so the iteration is again a
+        # (block) Krylov method, started from the subspace's best vectors.
+        W_next = W
+        if wide_start:
+            Sk = S[:, idx].to(like.device, dtype)
+            V, AV, T = Sk.T @ V, Sk.T @ AV, torch.diag(theta[idx])
+            W_next, wide_start = R, False
+        W_proj = W_next if U is None else W_next - (W_next @ U.T) @ U
         P = orthonormalize(W_proj, _cat(U, V))
         if P.shape[0] < b:  # an invariant subspace was found: continue from fresh directions
             free = room - V.shape[0] - P.shape[0]

