@@ -130,6 +130,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
              sampling: str = "auto", sample_size: int | None = None, confidence: float = 0.95,
              seed: int = 0, device=None, dtype: torch.dtype | None = None,
              batch_size: int = 256, method: str = "auto", curvature: str = "none",
+             approx_samples: int = 2048, approx_rank: int = 8,
              progress: bool = False, callback: Callable[[dict], None] | None = None
              ) -> ExtremesResult:
     """Largest and smallest eigenvalue of the Hessian of the full-data mean loss.
@@ -189,7 +190,16 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         batch_size: batch size when ``data`` is ``(X, Y)``.
         method: HVP method, ``"auto"``, ``"rev-rev"`` or ``"fwd-rev"`` (see
             :mod:`curvlab.hvp`).
-        curvature: approximation used to start/precondition the solver.
+        curvature: the curvature approximation ``C`` that helps the exact solver:
+            ``"none"``, ``"diag"`` (GGN diagonal), ``"ggn"`` (generalised
+            Gauss-Newton, exact products, low-rank top part) or ``"kfac"``
+            (Kronecker-factored).  Its top ``approx_rank`` eigenvectors start the
+            Lanczos run for ``lambda_max`` (the Hessian's outliers lie close to
+            the GGN's), and ``(C + delta I)^{-1}`` preconditions a LOBPCG run for
+            ``lambda_min``.  The answer is always the exact Hessian's; only the
+            cost changes.
+        approx_samples: samples the approximation is built from.
+        approx_rank: eigenvectors of the approximation used.
         progress: show a progress bar (tqdm) of the products spent.
         callback: called with each solver step's trace entry.
 
@@ -244,6 +254,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                        max_basis=max_basis, seed=seed, bar=bar, callback=callback,
                        z=NormalDist().inv_cdf(0.5 + confidence / 2))
         try:
+            if curvature != "none":
+                _attach_approximation(ctx, curvature, approx_samples, approx_rank, init)
             if regime == "exact":
                 ends = _exact(ctx, H, v0)
                 levels, m_final = [], N
@@ -269,7 +281,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     options = dict(which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                    max_basis=max_basis, seed=seed, method=H.method, curvature=curvature,
                    sampling=regime, confidence=confidence, dtype=str(fmodel.dtype),
-                   device=str(fmodel.device), warm_start=v0 is not None)
+                   device=str(fmodel.device), warm_start=bool(v0))
     cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0)
     return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
                           sample_size=m_final, error_parts=parts, levels=levels,
@@ -297,6 +309,9 @@ class _Context:
     z: float
     costs: List[Cost] = field(default_factory=list)
     history: List[dict] = field(default_factory=list)
+    approx: object = None  # a curvature approximation (curvlab.curvature), or None
+    approx_vectors: Optional[Tensor] = None
+    approx_shift: float = 0.0
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
@@ -317,31 +332,91 @@ def _ends_of(which: str) -> List[str]:
     return {"both": ["min", "max"], "SA": ["min"], "LA": ["max"]}[which]
 
 
-def _lanczos(ctx: _Context, op: HessianOperator, ends: List[str], v0, tol_scale: float,
-             budget_hvps: float):
-    """Lanczos on ``op`` for ``ends``; returns ``{end: (theta, vector, residual, converged)}``."""
-    which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
+def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict,
+                tol_scale: float, budget_hvps: float) -> dict:
+    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged)}``.
+
+    Without an approximation: one Lanczos run for both ends, started from the
+    ``start`` vectors (warm start) or at random.  With one (``ctx.approx``):
+    ``lambda_max`` by Lanczos started from the approximation's top eigenvectors
+    (plus the warm-start vector), ``lambda_min`` by LOBPCG preconditioned with
+    ``(C + delta I)^{-1}`` (see :func:`_precond_shift`).
+    """
     frac = op.num_samples / ctx.H.num_samples
     max_matvecs = max(2, int(budget_hvps / frac))
-    res = lanczos(op.matvec, op.n, which=which, k=1, v0=v0,
-                  tol=(ctx.tol_min * tol_scale, ctx.tol * tol_scale), floor=ctx.floor * tol_scale,
-                  max_matvecs=max_matvecs, max_basis=ctx.max_basis, dtype=op.dtype,
-                  device=op.device, seed=ctx.seed, callback=lambda e: ctx.step(e, frac))
+    tols = (ctx.tol_min * tol_scale, ctx.tol * tol_scale)
+    common = dict(floor=ctx.floor * tol_scale, dtype=op.dtype, device=op.device, seed=ctx.seed,
+                  callback=lambda e: ctx.step(e, frac))
     out = {}
-    if "min" in ends:
-        out["min"] = (float(res.values[0]), res.vectors[0], float(res.residual_norms[0]),
-                      bool(res.converged[0]))
+    if ctx.approx is None:
+        which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
+        rows = [start[e] for e in ends if e in start]
+        v0 = torch.stack(rows) if rows else None
+        res = lanczos(op.matvec, op.n, which=which, k=1, v0=v0, tol=tols, max_matvecs=max_matvecs,
+                      max_basis=ctx.max_basis, **common)
+        pairs = {"min": 0, "max": -1}
+        for e in ends:
+            i = pairs[e]
+            out[e] = (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]),
+                      bool(res.converged[i]))
+        return out
+    from .lobpcg import lobpcg
+
+    share = max_matvecs // len(ends)
     if "max" in ends:
+        rows = ([start["max"]] if "max" in start else []) + [ctx.approx_vectors.to(op.device, op.dtype)]
+        res = lanczos(op.matvec, op.n, which="LA", k=1, v0=torch.cat([r.reshape(-1, op.n) for r in rows]),
+                      block_size=1, tol=tols, max_matvecs=share, max_basis=ctx.max_basis, **common)
         out["max"] = (float(res.values[-1]), res.vectors[-1], float(res.residual_norms[-1]),
                       bool(res.converged[-1]))
+    if "min" in ends:
+        delta = ctx.approx_shift
+        X0 = start["min"][None] if "min" in start else None
+        res = lobpcg(op.matvec, op.n, which="SA", k=1, X0=X0,
+                     precond=lambda V: ctx.approx.inverse(V, delta), tol=tols,
+                     max_matvecs=max_matvecs - (share if "max" in ends else 0), **common)
+        out["min"] = (float(res.values[0]), res.vectors[0], float(res.residual_norms[0]),
+                      bool(res.converged[0]))
     return out
+
+
+def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
+    """Build the curvature approximation on ``samples`` samples and its top eigenpairs."""
+    from .curvature import build_curvature
+
+    H = ctx.H
+    cost = Cost()
+    ctx.costs.append(cost)
+    approx = build_curvature(name, H.fmodel, H.loss_fn, H.batches, max_samples=samples,
+                             seed=ctx.seed, cost=cost)
+    rank = min(rank, H.n)
+    values, vectors = approx.top_eigenpairs(rank)
+    ctx.approx, ctx.approx_vectors = approx, vectors
+    ctx.approx_shift = _precond_shift(values, ctx.floor)
+
+
+def _precond_shift(values: Tensor, floor: float) -> float:
+    """The damping ``delta`` of the preconditioner ``(C + delta I)^{-1}`` for ``lambda_min``.
+
+    ``values`` are the approximation's ``k`` largest eigenvalues (descending).
+    Directions that ``C`` resolves (its outliers) are mapped near 1 and the rest
+    are scaled by ``1/delta``; with ``delta`` = the smallest resolved eigenvalue
+    ``values[-1]`` (the edge below which ``C`` is treated as flat), the top of
+    the Hessian's spectrum is compressed to about 1 while the near-zero end,
+    where ``lambda_min`` lives, is spread by ``1/delta``: the relative gap that
+    governs convergence grows from ``|lambda_min| / lambda_max`` to about
+    ``|lambda_min| / delta``.  Kept above ``floor * values[0]`` so that ``C +
+    delta I`` stays well conditioned.
+    """
+    top = float(values[0])
+    return max(float(values[-1]), floor * top, 1e-12 * max(top, 1.0))
 
 
 def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None) -> dict:
     """Full-data Lanczos; intervals from Courant-Fischer and residual norms."""
     ends = ends or _ends_of(ctx.which)
     budget = ctx.max_hvps - ctx.spent()
-    found = _lanczos(ctx, H, ends, v0, 1.0, budget)
+    found = _solve_ends(ctx, H, ends, v0, 1.0, budget)
     out = {}
     for end, (theta, vec, res, conv) in found.items():
         # Courant-Fischer holds in exact arithmetic; a computed Rayleigh quotient can
@@ -395,7 +470,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
         ctx.costs += [HS.cost, HT.cost]
         budget = max(0.0, ctx.max_hvps - ctx.spent())
-        found = _lanczos(ctx, HS, todo, start, 0.5, budget)
+        found = _solve_ends(ctx, HS, todo, start, 0.5, budget)
         level = {"sample_size": m, "ends": {}}
         need = m
         for end, (theta, vec, res, conv) in found.items():
@@ -421,22 +496,22 @@ def _multilevel(ctx: _Context, v0, m: int):
         levels.append(level)
         m_used = m
         todo = [e for e in todo if e not in done]
-        start = torch.stack([found[e][1] for e in todo]) if todo else None
+        start = {e: found[e][1] for e in todo}
         m = need
     return done, levels, m_used
 
 
-def _warm_start(init: ExtremesResult | None, n: int) -> Optional[Tensor]:
+def _warm_start(init: ExtremesResult | None, n: int) -> dict:
+    """``{end: vector}`` from a previous result (empty without one)."""
     if init is None:
-        return None
-    vecs = [v for v in (init.vector_max, init.vector_min) if v is not None]
-    if not vecs:
-        return None
-    if any(v.numel() != n for v in vecs):
+        return {}
+    vecs = {e: v.reshape(-1) for e, v in (("max", init.vector_max), ("min", init.vector_min))
+            if v is not None}
+    if any(v.numel() != n for v in vecs.values()):
         raise ValueError(
-            f"init holds vectors of length {vecs[0].numel()} but the model has {n} trainable "
-            "parameters: warm-start only from a result for the same architecture")
-    return torch.stack([v.reshape(-1) for v in vecs])
+            f"init holds vectors of length {next(iter(vecs.values())).numel()} but the model has "
+            f"{n} trainable parameters: warm-start only from a result for the same architecture")
+    return vecs
 
 
 def _progress_bar(progress: bool, total: float):
