@@ -210,12 +210,19 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
         extra = torch.randn(m - X.shape[0], n, generator=gen, dtype=torch.float64).to(like.device, dtype)
         X = torch.cat([X, orthonormalize(extra, _cat(U, X))])
     AX = product(X)
-    S, AS, n_x = X, AX, m
+    S, AS, n_p = X, AX, 0
     P = AP = like.new_zeros(0, n)
     history: List[dict] = []
     p_restarts = 0
     while True:
-        theta, C, scale = _rayleigh_ritz(S, AS, n_s_min=m)
+        M = (S @ S.T).double().cpu()
+        G = (S @ AS.T).double().cpu()
+        d, V = torch.linalg.eigh((M + M.T) / 2)
+        if n_p and float(d[0]) < 0.5:  # never expected: P lost orthogonality; restart it
+            S, AS, M, G, n_p = S[:-n_p], AS[:-n_p], M[:-n_p, :-n_p], G[:-n_p, :-n_p], 0
+            d, V = torch.linalg.eigh((M + M.T) / 2)
+            p_restarts += 1
+        theta, C, scale = _rayleigh_ritz(d, V, G, n_s_min=m, eps=torch.finfo(dtype).eps)
         Cx = C[:, :m]
         Cd = Cx.to(like.device, dtype)
         X, AX = Cd.T @ S, Cd.T @ AS
@@ -239,8 +246,8 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
 
         # P: the classical LOBPCG direction (new X without its old-X part), built
         # in coefficient space, orthonormal and orthogonal to the new X
-        if S.shape[0] > n_x:
-            Pc = _p_coefficients(Cx, active, n_x, S)
+        if S.shape[0] > m:
+            Pc = _p_coefficients(Cx, active, m, M)
             Pd = Pc.to(like.device, dtype)
             P, AP = Pd.T @ S, Pd.T @ AS
         else:
@@ -254,12 +261,7 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
         if W.shape[0] == 0 or matvecs + W.shape[0] > max_matvecs:
             break
         AW = product(W)
-        S, AS, n_x = torch.cat([X, W, P]), torch.cat([AX, AW, AP]), m
-        if P.shape[0]:
-            gram_min = float(torch.linalg.eigvalsh((S @ S.T).double().cpu())[0])
-            if gram_min < 0.5:  # never expected: P lost orthogonality; restart it
-                S, AS = S[: m + W.shape[0]], AS[: m + W.shape[0]]
-                p_restarts += 1
+        S, AS, n_p = torch.cat([X, W, P]), torch.cat([AX, AW, AP]), P.shape[0]
 
     vals = (sign * th[:k]).clone()
     vecs, res_k, conv_k = X[:k], res[:k], conv[:k]
@@ -274,21 +276,17 @@ def _cat(*blocks: Optional[Tensor]) -> Optional[Tensor]:
     return torch.cat(blocks) if blocks else None
 
 
-def _rayleigh_ritz(S: Tensor, AS: Tensor, n_s_min: int, drop: float | None = None):
+def _rayleigh_ritz(d: Tensor, V: Tensor, G: Tensor, n_s_min: int, eps: float):
     """Rayleigh-Ritz of ``A`` on the rows of ``S`` (not assumed exactly orthonormal).
 
-    With ``M = S S^T = V D V^T`` and ``G = S (AS)^T`` (symmetrised), directions with
-    ``D < drop * max D`` are dropped, ``T = V D^{-1/2}``, and ``T^T G T = Y diag(theta) Y^T``.
-    Returns ``theta`` ascending (float64, CPU), coefficients ``C = T Y`` with
-    ``C^T M C = I`` (so the rows of ``C^T S`` are orthonormal), and ``max |theta|``.
+    Given the Gram matrix ``M = S S^T = V diag(d) V^T`` and ``G = S (AS)^T``,
+    directions with ``d < 10 eps max d`` are dropped, ``T = V diag(d)^{-1/2}``, and
+    ``T^T G_sym T = Y diag(theta) Y^T``.  Returns ``theta`` ascending (float64,
+    CPU), coefficients ``C = T Y`` with ``C^T M C = I`` (so the rows of ``C^T S``
+    are orthonormal), and ``max |theta|``.
     """
-    M = (S @ S.T).double().cpu()
-    G = (S @ AS.T).double().cpu()
     G = (G + G.T) / 2
-    d, V = torch.linalg.eigh((M + M.T) / 2)
-    if drop is None:
-        drop = 10 * torch.finfo(S.dtype).eps
-    keep = d > drop * d.max()
+    keep = d > 10 * eps * d.max()
     if int(keep.sum()) < n_s_min:
         raise RuntimeError("LOBPCG basis lost rank; the operator's products may be inconsistent")
     T = V[:, keep] / d[keep].sqrt()
@@ -296,7 +294,7 @@ def _rayleigh_ritz(S: Tensor, AS: Tensor, n_s_min: int, drop: float | None = Non
     return theta, T @ Y, float(theta.abs().max())
 
 
-def _p_coefficients(Cx: Tensor, active: Tensor, n_x: int, S: Tensor) -> Tensor:
+def _p_coefficients(Cx: Tensor, active: Tensor, n_x: int, M: Tensor) -> Tensor:
     """Coefficients (in the rows of ``S``) of the next search directions ``P``.
 
     Starts from the active columns of ``Cx`` with the old-``X`` rows zeroed
@@ -304,7 +302,6 @@ def _p_coefficients(Cx: Tensor, active: Tensor, n_x: int, S: Tensor) -> Tensor:
     the metric ``M = S S^T``, and ``M``-orthonormalises, dropping columns that
     were numerically inside ``span(Cx)``.
     """
-    M = (S @ S.T).double().cpu()
     Z = Cx[:, active].clone()
     Z[:n_x] = 0
     norms = torch.sqrt(torch.einsum("ij,ik,kj->j", Z, M, Z).clamp_min(0))
