@@ -373,7 +373,7 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
         delta = ctx.approx_shift
         X0 = start["min"][None] if "min" in start else None
         res = lobpcg(op.matvec, op.n, which="SA", k=1, X0=X0,
-                     precond=lambda V: ctx.approx.inverse(V, delta), tol=tols,
+                     precond=lambda V: ctx.approx.inverse(V, delta), tol=tols[0],
                      max_matvecs=max_matvecs - (share if "max" in ends else 0), **common)
         out["min"] = (float(res.values[0]), res.vectors[0], float(res.residual_norms[0]),
                       bool(res.converged[0]))
