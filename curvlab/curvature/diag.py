@@ -1,0 +1,217 @@
+"""The diagonal of the generalised Gauss-Newton matrix.
+
+For the GGN ``G = (1/m) sum_d J_d^T H_d J_d`` (see :mod:`curvlab.curvature.ggn`)
+and a factor ``H_d = S_d S_d^T`` of each sample's output Hessian
+(:func:`~curvlab.curvature.base.output_hessian_sqrt`),
+
+    diag(G)_p = (1/m) sum_d sum_j ((S_d^T J_d)_{j p})^2,
+
+the mean over samples of the squared entries of the per-sample "Gauss-Newton
+gradients" ``S_d^T J_d``.  Two ways to get it:
+
+``"exact"``
+    per-sample Jacobians of the outputs (``vmap`` over samples of ``jacrev``,
+    in chunks of samples that keep ``chunk * c * n`` entries in memory bounded),
+    contracted with ``S_d``.  Cost: ``c`` per-sample backward passes per sample
+    (``c`` outputs).
+``"hutchinson"``
+    ``diag(G) = E[z * (G z)]`` for Rademacher ``z`` (entries +-1), estimated with
+    ``probes`` vectors and the exact GGN product.  Cost: ``probes`` GGN
+    products over the data; the estimate is unbiased, with variance
+    ``sum_{q != p} G_pq^2`` per entry and probe.
+``"auto"``
+    ``"exact"`` when ``c <= probes`` (it is then cheaper *and* exact), else
+    ``"hutchinson"``.
+
+:class:`Diagonal` is the approximation ``C = diag(G)``; :func:`ggn_diagonal`
+computes the diagonal for a subset of the parameters (K-FAC uses it for the
+parameters of layers it does not cover).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from ..functional import FunctionalModel
+from ..hvp import Cost
+from .base import (CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches,
+                   unsqueeze_input)
+from .ggn import GGN
+
+__all__ = ["Diagonal", "ggn_diagonal", "DIAG_METHODS"]
+
+DIAG_METHODS = ("auto", "exact", "hutchinson")
+
+# per-sample Jacobian entries held at once by the exact method (float64: 256 MiB)
+_JACOBIAN_BUDGET = 2 ** 25
+
+
+def _output_size(fmodel: FunctionalModel, data) -> int:
+    for _, x, _, _ in sample_batches(fmodel, data, None):
+        with torch.no_grad():
+            out = fmodel(fmodel.params, x)
+        return out[0].numel()
+    raise ValueError("data is empty: it yielded no samples")
+
+
+def ggn_diagonal(fmodel: FunctionalModel, loss_fn: Callable, data, names: Sequence[str], *,
+                 method: str = "auto", probes: int = 100, seed: int = 0, fisher: str = "exact",
+                 mc_samples: int = 1, cost: Cost | None = None) -> Dict[str, Tensor]:
+    """GGN diagonal entries of the parameters ``names`` over all of ``data``.
+
+    Args:
+        fmodel, loss_fn: the model and batch-mean loss.
+        data: batches (a list of ``(x, y)`` or :class:`~curvlab.data.Batches`), all used.
+        names: the trainable parameters wanted (a subset of ``fmodel.spec.names``).
+        method: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (module docstring).
+        probes: Rademacher vectors for ``"hutchinson"``.
+        seed: seeds the probes (and the labels of ``fisher="mc"``).
+        fisher, mc_samples: the output-Hessian factor (``"exact"`` or Monte-Carlo,
+            see :func:`~curvlab.curvature.base.output_hessian_sqrt`); exact method only.
+        cost: adds ``grad_samples`` (``r`` per sample for exact, ``r`` the columns of
+            ``S_d``; ``2 * probes`` per sample for Hutchinson); no ``seconds``, the
+            caller times.
+
+    Returns:
+        ``{name: diagonal with the parameter's shape}``, normalised as the mean over samples.
+    """
+    names = list(names)
+    cost = cost if cost is not None else Cost()
+    if method not in DIAG_METHODS:
+        raise ValueError(f"method must be one of {DIAG_METHODS}, got {method!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    if not names:
+        return {}
+    if method == "auto":
+        method = "exact" if _output_size(fmodel, data) <= probes else "hutchinson"
+    if method == "exact":
+        return _exact_diagonal(fmodel, loss_fn, data, names, fisher, mc_samples, seed, cost)
+    return _hutchinson_diagonal(fmodel, loss_fn, data, names, probes, seed, cost)
+
+
+def _exact_diagonal(fmodel, loss_fn, data, names, fisher, mc_samples, seed, cost):
+    params = fmodel.params
+    sub0 = {k: params[k] for k in names}
+    others = {k: v for k, v in params.items() if k not in sub0}
+    n_sub = sum(t.numel() for t in sub0.values())
+    diag = {k: torch.zeros_like(t) for k, t in sub0.items()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample_out(sub, x_d):
+        return fmodel({**others, **sub}, unsqueeze_input(x_d))[0].reshape(-1)
+
+    jac = vmap(jacrev(sample_out), in_dims=(None, 0))
+    m = 0
+    for index, x, y, nb in sample_batches(fmodel, data, None):
+        with torch.no_grad():
+            out = fmodel(params, x)
+        S = output_hessian_sqrt(loss_fn, out, y, fisher=fisher, mc_samples=mc_samples,
+                                generator=gen, index=index)                    # (b, c, r)
+        c = S.shape[1]
+        chunk = max(1, _JACOBIAN_BUDGET // max(1, c * n_sub))
+        for start in range(0, nb, chunk):
+            stop = min(nb, start + chunk)
+            xs = _slice(x, start, stop)
+            J = jac(sub0, xs)                                   # {name: (b', c, *shape)}
+            Sc = S[start:stop]
+            for k, Jk in J.items():
+                SJ = torch.einsum("bcr,bc...->br...", Sc, Jk)
+                diag[k].add_(SJ.square().sum(dim=(0, 1)))
+        m += nb
+        cost.grad_samples += S.shape[1] * nb
+    return {k: v / m for k, v in diag.items()}
+
+
+def _slice(x, start, stop):
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    if isinstance(x, (list, tuple)):
+        return type(x)(_slice(t, start, stop) for t in x)
+    if isinstance(x, dict):
+        return {k: _slice(v, start, stop) for k, v in x.items()}
+    return x
+
+
+def _hutchinson_diagonal(fmodel, loss_fn, data, names, probes, seed, cost):
+    G = GGN(fmodel, loss_fn, data)  # its own Cost: the caller times the whole computation
+    gen = torch.Generator().manual_seed(seed)
+    slices = fmodel.spec.slices()
+    idx = torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]).to(fmodel.device)
+    acc = torch.zeros(idx.numel(), dtype=fmodel.dtype, device=fmodel.device)
+    block = 10
+    done = 0
+    while done < probes:
+        b = min(block, probes - done)
+        Z = torch.zeros(b, fmodel.numel, dtype=fmodel.dtype, device=fmodel.device)
+        signs = torch.randint(0, 2, (b, idx.numel()), generator=gen).to(Z) * 2 - 1
+        Z[:, idx] = signs
+        acc += (signs * G.matvec(Z)[:, idx]).sum(0)
+        done += b
+    acc /= probes
+    cost.grad_samples += G.cost.grad_samples
+    out, start = {}, 0
+    for k in names:
+        size = slices[k].stop - slices[k].start
+        out[k] = acc[start:start + size].view(fmodel.params[k].shape)
+        start += size
+    return out
+
+
+class Diagonal(CurvatureApprox):
+    """``C = diag(G)``, the diagonal of the generalised Gauss-Newton matrix.
+
+    Args:
+        fmodel, loss_fn, batches, max_samples, seed, cost: as for
+            :class:`~curvlab.curvature.ggn.GGN`.
+        method: ``"auto"``, ``"exact"`` or ``"hutchinson"`` (module docstring).
+        probes: Rademacher probes for Hutchinson.
+
+    ``matvec`` and ``inverse`` are elementwise (``d * v``, ``v / (d + damping)``);
+    ``top_eigenpairs(k)`` are the ``k`` largest entries with the unit coordinate
+    vectors.  A Hutchinson estimate can have small negative entries; they are
+    clamped to zero so that ``C`` stays positive semi-definite.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+        >>> X, Y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> D = Diagonal(FunctionalModel(model), torch.nn.functional.cross_entropy, (X, Y))
+        >>> D.diagonal.shape
+        torch.Size([15])
+    """
+
+    name = "diag"
+
+    def __init__(self, fmodel: FunctionalModel, loss_fn: Callable, batches, *,
+                 max_samples: int | None = None, seed: int = 0, cost: Cost | None = None,
+                 method: str = "auto", probes: int = 100):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if method not in DIAG_METHODS:
+            raise ValueError(f"method must be one of {DIAG_METHODS}, got {method!r}")
+        self.fmodel = fmodel
+        self.cost = cost if cost is not None else Cost()
+        with Timer(self.cost):
+            data, self.num_samples = collect_batches(fmodel, batches, max_samples)
+            if method == "auto":
+                method = "exact" if _output_size(fmodel, data) <= probes else "hutchinson"
+            self.method = method
+            d = ggn_diagonal(fmodel, loss_fn, data, fmodel.spec.names, method=method,
+                             probes=probes, seed=seed, cost=self.cost)
+        self.diagonal = fmodel.spec.flatten(d).clamp_min(0)
+
+    def _matvec(self, V: Tensor) -> Tensor:
+        return V * self.diagonal
+
+    def _inverse(self, V: Tensor, damping: float) -> Tensor:
+        return V / (self.diagonal + damping)
+
+    def _top_eigenpairs(self, k: int) -> Tuple[Tensor, Tensor]:
+        values, idx = torch.topk(self.diagonal, k)
+        vectors = torch.zeros(k, self.n, dtype=self.dtype, device=self.device)
+        vectors[torch.arange(k, device=self.device), idx] = 1
+        return values.double().cpu(), vectors
