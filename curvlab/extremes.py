@@ -23,7 +23,7 @@ from .sampling import extreme_interval, holdout_rayleigh, sample_size_for
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
-CURVATURES = ("none",)
+CURVATURES = ("none", "diag", "ggn", "kfac")
 
 
 

@@ -21,8 +21,10 @@ products ``A y`` are recombined from the stored ``AV`` at no matvec cost.  The
 residuals of these Ritz vectors all lie in the span of the next, still
 unmultiplied block, so the iteration continues as a Krylov method: nothing the
 basis has learnt about the wanted ends is thrown away, unlike an explicit
-restart from a single vector.  ``A`` restricted to the complement of given
-orthonormal ``deflate`` vectors is what the basis sees (deflation).
+restart from a single vector.  With ``deflate`` vectors ``U`` the operator is
+``(I - UU^T) A (I - UU^T)`` on the complement of their span, and residuals are
+those of that operator (so they converge when ``U`` is only approximately
+invariant; the eigenvalue error is then second order in ``U``'s error).
 
 Error bound.  For a unit vector ``y`` and ``theta = y^T A y``, some eigenvalue of
 ``A`` lies within ``||A y - theta y||`` of ``theta``.  That residual norm is
@@ -195,6 +197,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         if W.shape != P.shape:
             raise ValueError(f"matvec returned shape {tuple(W.shape)} for a block of shape {tuple(P.shape)}")
         W = W.to(like.device, dtype)
+        if U is not None:  # the deflated operator (I - UU^T) A (I - UU^T): its residuals converge
+            W = W - (W @ U.T) @ U  # even when U is only approximately invariant
         matvecs += P.shape[0]
         calls += 1
         # extend the projected matrix with the new block's rows and columns
@@ -238,8 +242,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             Sk = S[:, idx].to(like.device, dtype)
             V, AV, T = Sk.T @ V, Sk.T @ AV, torch.diag(theta[idx])
             W_next, wide_start = R, False
-        W_proj = W_next if U is None else W_next - (W_next @ U.T) @ U
-        P = orthonormalize(W_proj, _cat(U, V))
+        P = orthonormalize(W_next, _cat(U, V))
         if P.shape[0] < b:  # an invariant subspace was found: continue from fresh directions
             free = room - V.shape[0] - P.shape[0]
             extra = min(b - P.shape[0], free)

@@ -8,6 +8,8 @@ from torch.func import functional_call, hessian
 
 
 D = torch.float64
+# the tests are many tiny problems: one thread avoids spin-wait overhead (and a loaded CI box)
+torch.set_num_threads(1)
 
 def tiny_mlp(seed=0):
     torch.manual_seed(seed)

@@ -232,3 +232,21 @@ def test_init_from_another_architecture():
     other = nn.Linear(5, 3).double()
     with pytest.raises(ValueError, match="same architecture"):
         curvlab.extremes(other, F.cross_entropy, classification_data(8, (5,)), init=r)
+
+
+# ----------------------------------------------------------------- curvature flag
+
+@pytest.mark.parametrize("curvature", curvlab.CURVATURES)
+@pytest.mark.parametrize("make, shape", [(tiny_mlp, (5,)), (tiny_cnn_bn, (2, 6, 6))])
+def test_every_curvature_flag_gives_the_exact_extremes(make, shape, curvature):
+    model = make()
+    X, Y = classification_data(40, shape)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), curvature=curvature, batch_size=16, **TIGHT)
+    assert r.options["curvature"] == curvature
+    _check_against_dense(r, dense_hessian(model, F.cross_entropy, X, Y))
+
+
+def test_kfac_on_a_model_without_supported_layers_says_so():
+    model, data, _ = quadratic_problem(torch.linspace(-1, 1, 10), samples=4)
+    with pytest.raises(ValueError, match="Linear|Conv2d"):
+        curvlab.extremes(model, mean_loss, data, curvature="kfac")
