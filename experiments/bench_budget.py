@@ -149,7 +149,10 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: stable figures on a shared 2-core machine)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     X, Y = make_data(args.data, args.samples)
     N = len(X)
