@@ -17,8 +17,9 @@ Hessian's outliers (Papyan 2019; Gur-Ari et al. 2018).
 A product ``G v`` is computed through the outputs without forming anything of
 size ``n x n``: ``J v`` (forward-mode, or the double-backward trick), the loss
 Hessian w.r.t. the outputs applied by differentiating the output gradient of
-``loss_fn`` (so any ``loss_fn`` works, not only cross-entropy), and ``J^T`` by a
-backward pass.  A block of ``k`` vectors shares one primal pass per batch.
+``loss_fn`` once more (so any twice-differentiable ``loss_fn`` works, not only
+cross-entropy; this touches only the ``b x c`` outputs, not the network), and
+``J^T`` by a backward pass.  A block of ``k`` vectors shares one primal pass per batch.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class GGN(CurvatureApprox):
         method: ``"rev-rev"`` (autograd; ``J v`` by the double-backward trick, one
             more backward per vector through a retained graph), ``"fwd-rev"``
             (``torch.func``: ``jvp`` and ``vjp`` vmapped over the block), or
-            ``"auto"``: ``"rev-rev"`` on CPU, ``"fwd-rev"`` on CUDA (as for the
-            Hessian, :mod:`curvlab.hvp`).  Both give the same numbers.
+            ``"auto"``: ``"fwd-rev"``.  Unlike the Hessian, ``"fwd-rev"`` is the
+            faster on CPU too: on a CIFAR ResNet-20 (width 0.5, 32 images, blocks
+            of 4, 2 shared CPU cores) we measured 1.8-3.2 s per vector against
+            4.4-7.0 s for ``"rev-rev"`` (the double-backward ``J v`` costs more than
+            a forward-mode one).  Both give the same numbers.
         rank: eigenpairs used by :meth:`inverse` (a low-rank part of ``G``).
         tol: relative residual tolerance of the eigenpairs (Lanczos stopping rule
             ``||G y - theta y|| <= tol * theta``); modest by default since the pairs
@@ -97,7 +101,7 @@ class GGN(CurvatureApprox):
         self.tol = tol
         self.max_matvecs = max_matvecs
         if method == "auto":
-            method = "fwd-rev" if fmodel.device.type == "cuda" else "rev-rev"
+            method = "fwd-rev"
         self.method = method
         with Timer(self.cost):
             self.data, self.num_samples = collect_batches(fmodel, batches, max_samples)
@@ -139,8 +143,11 @@ class GGN(CurvatureApprox):
 
         out, JV = vmap(jv, out_dims=(None, 0))(spec.unflatten_block(V))   # (b, ...), (k, b, ...)
         out = out.detach()
+        # output Hessian by reverse-over-reverse on the loss alone (cheap: no network in it);
+        # forward-over-reverse here fails in torch 2.14 for F.mse_loss ("ZeroTensors are immutable")
         grad_out = grad(lambda o: self._batch_loss(o, y, index))
-        HJV = vmap(lambda u: jvp(grad_out, (out,), (u,))[1])(JV)
+        _, hvp_out = vjp(grad_out, out)
+        (HJV,) = vmap(hvp_out)(JV)
         _, vjp_fn = vjp(f, params)
         (GV,) = vmap(vjp_fn)(HJV)
         return spec.flatten_block(GV)
