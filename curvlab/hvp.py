@@ -28,6 +28,11 @@ convolution tangents run as a batch of small, poorly-vectorised convolutions),
 and ``"fwd-rev"`` on CUDA, where one batched kernel over ``k`` tangents keeps the
 device busy while ``k`` sequential backward passes each launch the full kernel
 sequence (run the benchmark on your GPU to check; both give the same numbers).
+
+Inside a ``torch.distributed`` job of several processes (``torchrun``) the
+operator is data-parallel: each rank passes over its shard of the data and the
+sums are all-reduced, so every rank gets the same full-data product
+(:mod:`curvlab.distributed`; ``distributed=False`` opts out).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from .data import Batches, as_batches
+from .distributed import DataParallel
 from .functional import FunctionalModel, batch_size_of
 
 __all__ = ["Cost", "HessianOperator", "METHODS"]
@@ -97,6 +103,16 @@ class HessianOperator:
         method: ``"auto"``, ``"rev-rev"`` or ``"fwd-rev"`` (module docstring).
         fmodel: an existing :class:`FunctionalModel` to share (then ``model``,
             ``dtype`` and ``device`` are taken from it).
+        distributed: ``None`` (default): data-parallel over the ranks when
+            ``torch.distributed`` is initialised with more than one process; pass
+            the *full* data on every rank, curvlab shards it.  ``False``: this
+            process alone, on the data it is given.  ``True``: require an
+            initialised process group.  See :mod:`curvlab.distributed`.
+        process_group: the group to reduce over (default: all processes).
+
+    Distributed, every rank returns the same (all-reduced) results, and
+    :attr:`cost` and :attr:`num_samples` count the work and samples of all
+    ranks together.
 
     The model must already be in the mode the Hessian is wanted in (use
     :func:`curvlab.functional.evaluation_mode`); the operator never changes it.
@@ -111,7 +127,8 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module | None, loss_fn: Callable, data, *,
                  dtype: torch.dtype | None = None, device=None, batch_size: int = 256,
-                 method: str = "auto", fmodel: FunctionalModel | None = None):
+                 method: str = "auto", fmodel: FunctionalModel | None = None,
+                 distributed: bool | None = None, process_group=None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if method not in METHODS:
@@ -119,8 +136,9 @@ class HessianOperator:
         self.fmodel = fmodel if fmodel is not None else FunctionalModel(model, dtype=dtype, device=device)
         self.loss_fn = loss_fn
         self.batches: Batches = as_batches(data, batch_size)
-        self.batches.check_nonempty()
-        self.num_samples = self.batches.num_samples
+        self.parallel = DataParallel(self.batches, enabled=distributed, process_group=process_group,
+                                     fmodel=self.fmodel)
+        self.num_samples = self.parallel.num_samples
         if method == "auto":
             method = "fwd-rev" if self.fmodel.device.type == "cuda" else "rev-rev"
         self.method = method
@@ -205,22 +223,24 @@ class HessianOperator:
         t0 = time.perf_counter()
         batch_hvp = self._batch_hvp_revrev if self.method == "rev-rev" else self._batch_hvp_fwdrev
         total = torch.zeros_like(V)
-        count = 0
-        for index, (x, y) in enumerate(self.batches):
-            x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
-            nb = batch_size_of(x)
-            if nb == 0:
-                continue
-            hv = batch_hvp(x, y, index, V)
-            if not torch.isfinite(hv).all():
-                raise ValueError(
-                    f"Hessian-vector product is not finite on batch {index}: the loss is finite "
-                    "there but its curvature overflows; check the model/inputs or use dtype=torch.float64")
-            total.add_(hv, alpha=nb)
-            count += nb
-        total.div_(count)
+
+        def local_sum():  # sum_b n_b H_b V over this rank's batches
+            for index, (x, y) in enumerate(self.parallel.local):
+                x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
+                nb = batch_size_of(x)
+                if nb == 0:
+                    continue
+                hv = batch_hvp(x, y, index, V)
+                if not torch.isfinite(hv).all():
+                    raise ValueError(
+                        f"Hessian-vector product is not finite on batch {index}: the loss is finite "
+                        "there but its curvature overflows; check the model/inputs or use dtype=torch.float64")
+                total.add_(hv, alpha=nb)
+
+        self.parallel.sum_(local_sum, total)
+        total.div_(self.num_samples)
         self.cost.hvps += V.shape[0]
-        self.cost.samples += V.shape[0] * count
+        self.cost.samples += V.shape[0] * self.num_samples
         self.cost.passes += 1
         self.cost.seconds += time.perf_counter() - t0
         return total[0] if single else total
@@ -228,19 +248,24 @@ class HessianOperator:
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Full-data mean loss and its gradient ``(n,)`` (one pass)."""
         t0 = time.perf_counter()
-        total_loss, total_grad, count = 0.0, torch.zeros(self.n, dtype=self.dtype, device=self.device), 0
+        total_grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_fn = grad(lambda p, x, y, i: (lambda l: (l, l))(self.batch_loss(p, x, y, i)), has_aux=True)
-        for index, (x, y) in enumerate(self.batches):
-            x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
-            nb = batch_size_of(x)
-            g, loss = grad_fn(self.fmodel.params, x, y, index)
-            _check_finite_loss(loss, index)
-            total_grad.add_(self.fmodel.spec.flatten(g), alpha=nb)
-            total_loss += float(loss) * nb
-            count += nb
+
+        def local_sum():
+            for index, (x, y) in enumerate(self.parallel.local):
+                x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
+                nb = batch_size_of(x)
+                g, loss = grad_fn(self.fmodel.params, x, y, index)
+                _check_finite_loss(loss, index)
+                total_grad.add_(self.fmodel.spec.flatten(g), alpha=nb)
+                total_loss.add_(loss.detach().double() * nb)
+
+        self.parallel.sum_(local_sum, total_grad, total_loss)
+        count = self.num_samples
         self.cost.grad_samples += count
         self.cost.seconds += time.perf_counter() - t0
-        return total_loss / count, total_grad / count
+        return float(total_loss) / count, total_grad / count
 
     def per_sample_curvature(self, v: Tensor) -> Tensor:
         """Per-sample second directional derivatives ``v^T H_d v``, shape ``(N,)``.
@@ -257,25 +282,29 @@ class HessianOperator:
             raise ValueError(f"v must have shape ({self.n},), got {tuple(v.shape)}")
         t0 = time.perf_counter()
         vd = self.fmodel.spec.unflatten(v)
-        out = []
-        for index, (x, y) in enumerate(self.batches):
-            x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
 
-            def losses(p):
-                outputs = self.fmodel(p, x)
-                per = vmap(lambda o, t: self.loss_fn(o[None], t[None]))(outputs, y)
-                if per.dim() != 1:
-                    _check_scalar(per[0], index)
-                return per
+        def local_values():
+            out = []
+            for index, (x, y) in enumerate(self.parallel.local):
+                x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
 
-            def first(p):
-                return jvp(losses, (p,), (vd,))[1]
+                def losses(p):
+                    outputs = self.fmodel(p, x)
+                    per = vmap(lambda o, t: self.loss_fn(o[None], t[None]))(outputs, y)
+                    if per.dim() != 1:
+                        _check_scalar(per[0], index)
+                    return per
 
-            d2 = jvp(first, (self.fmodel.params,), (vd,))[1]
-            if not torch.isfinite(d2).all():
-                raise ValueError(f"per-sample curvature is not finite on batch {index}")
-            out.append(d2.detach())
-        d2 = torch.cat(out)
+                def first(p):
+                    return jvp(losses, (p,), (vd,))[1]
+
+                d2 = jvp(first, (self.fmodel.params,), (vd,))[1]
+                if not torch.isfinite(d2).all():
+                    raise ValueError(f"per-sample curvature is not finite on batch {index}")
+                out.append(d2.detach())
+            return out
+
+        d2 = self.parallel.gather(local_values, self.dtype)  # (N,), all ranks, global order
         self.cost.grad_samples += 2 * len(d2)  # two forward tangents ~ one backward each
         self.cost.seconds += time.perf_counter() - t0
         return d2
