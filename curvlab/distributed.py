@@ -172,16 +172,34 @@ def init_from_env(backend: str | None = None, timeout: timedelta | float = 300.0
 # -- shards ---------------------------------------------------------------------------
 
 class PreSharded(Batches):
-    """Data that is already this rank's part of the data set; see :func:`presharded`."""
+    """Data that is already this rank's part of the data set; see :func:`presharded`.
+
+    Only the operator's reductions may read it (through :attr:`part`): anything
+    that wants the *whole* data on every rank (subsampling, building a
+    curvature approximation) gets a ``ValueError`` here, on every rank alike,
+    instead of silently using a different shard on each rank.
+    """
 
     def __init__(self, data, batch_size: int = 256):
-        super().__init__(as_batches(data, batch_size))
+        super().__init__(None)
+        self.part: Batches = as_batches(data, batch_size)
+
+    def _refuse(self):
+        raise ValueError(
+            "this rank holds only its own shard of the data (presharded data or a DataLoader "
+            "with a DistributedSampler), but subsampling and curvature approximations read the "
+            "whole data set on every rank: pass the full data on every rank and let curvlab "
+            "shard it, or use sampling='exact' and curvature='none'")
+
+    def __iter__(self):
+        self._refuse()
+
+    @property
+    def num_samples(self) -> int:
+        self._refuse()
 
     def subset(self, index: Tensor):
-        raise ValueError(
-            "subsampling draws from the whole data set, but this rank only holds its own "
-            "shard (presharded data): pass the full data on every rank and let curvlab "
-            "shard it, or ask for exact products (sampling='exact')")
+        self._refuse()
 
 
 def presharded(data, batch_size: int = 256) -> PreSharded:
@@ -249,7 +267,7 @@ def shard(batches: Batches, rank: int, world_size: int, scheme: str = "contiguou
     if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if isinstance(batches, PreSharded):
-        return Shard(batches, "presharded")
+        return Shard(batches.part, "presharded")
     if isinstance(batches, TensorBatches):
         N, bs = len(batches.X), batches.batch_size
         if scheme == "strided":
@@ -384,6 +402,9 @@ class DataParallel:
         scheme: how :class:`~curvlab.data.TensorBatches` are split (:func:`shard`).
 
     Attributes:
+        batches: the data as everything but the reductions should see it: the
+            full data, or a :class:`PreSharded` (which refuses to be read) when
+            this rank holds only its shard.
         rank, world_size: within ``process_group`` (``0`` and ``1`` when not distributed).
         num_samples: ``N``, over all ranks.
         local_counts: samples per rank.
@@ -411,7 +432,8 @@ class DataParallel:
         self.device = fmodel.device if fmodel is not None else torch.device("cpu")
         if not self.enabled:
             self.rank, self.world_size, self.scheme = 0, 1, "contiguous"
-            self.local = batches._source if isinstance(batches, PreSharded) else batches
+            self.local = batches.part if isinstance(batches, PreSharded) else batches
+            self.batches = self.local
             self.local.check_nonempty()
             self.num_samples = self.local.num_samples
             self.local_counts = [self.num_samples]
@@ -432,6 +454,9 @@ class DataParallel:
         self._raise_if_failed(table[:, 0], error)
         self._check_agreement(table, part.scheme)
         self.local, self.scheme = part.local, part.scheme
+        self.batches = batches
+        if part.scheme == "presharded" and not isinstance(batches, PreSharded):
+            self.batches = PreSharded(batches)  # a DataLoader with a DistributedSampler
         self.local_counts = [int(c) for c in table[:, 1].tolist()]
         self.num_samples = sum(self.local_counts)
         if self.num_samples == 0:

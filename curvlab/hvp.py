@@ -135,9 +135,9 @@ class HessianOperator:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.fmodel = fmodel if fmodel is not None else FunctionalModel(model, dtype=dtype, device=device)
         self.loss_fn = loss_fn
-        self.batches: Batches = as_batches(data, batch_size)
-        self.parallel = DataParallel(self.batches, enabled=distributed, process_group=process_group,
-                                     fmodel=self.fmodel)
+        self.parallel = DataParallel(as_batches(data, batch_size), enabled=distributed,
+                                     process_group=process_group, fmodel=self.fmodel)
+        self.batches: Batches = self.parallel.batches
         self.num_samples = self.parallel.num_samples
         if method == "auto":
             method = "fwd-rev" if self.fmodel.device.type == "cuda" else "rev-rev"

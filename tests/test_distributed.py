@@ -114,13 +114,15 @@ def scenario_products(rank, world):
     # data that each rank already split itself, in the data set's order
     lo, hi = (0, 7) if rank == 0 else (7, N)
     H = HessianOperator(model, F.cross_entropy, presharded((X[lo:hi], Y[lo:hi]), BATCH))
-    out["presharded"] = dict(block=H.matvec(make_block(H.n)), scheme=H.parallel.scheme)
+    out["presharded"] = dict(block=H.matvec(make_block(H.n)), scheme=H.parallel.scheme,
+                             full_pass=_error(lambda: list(H.batches)))
     # a DataLoader with a DistributedSampler (used as it is when it neither pads nor drops)
     X12, Y12 = make_data(12)
     sampler = torch.utils.data.distributed.DistributedSampler(
         torch.utils.data.TensorDataset(X12, Y12), shuffle=False)
     H = HessianOperator(model, F.cross_entropy, loader(X12, Y12, sampler=sampler))
-    out["sampler12"] = dict(block=H.matvec(make_block(H.n)), scheme=H.parallel.scheme, N=H.num_samples)
+    out["sampler12"] = dict(block=H.matvec(make_block(H.n)), scheme=H.parallel.scheme, N=H.num_samples,
+                            full_pass=_error(lambda: H.batches.subset(torch.arange(3))))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
     out["failures"] = _failures(rank)
     return out
@@ -403,6 +405,14 @@ def test_distributed_sampler_used_as_given(products, reference):
         assert _rel(r["sampler12"]["block"], reference["sampler12"]) < RTOL
 
 
+@pytest.mark.parametrize("kind", ["presharded", "sampler12"])
+def test_shard_only_data_refuses_full_data_reads(products, kind):
+    # subsampling / curvature approximations would otherwise read a different shard per rank
+    for r in products:
+        assert r[kind]["full_pass"][0] == "ValueError"
+        assert "pass the full data on every rank" in r[kind]["full_pass"][1]
+
+
 def _check_extremes(results, ref):
     for r in results:
         for key in ("lambda_max", "lambda_min"):
@@ -544,6 +554,8 @@ def test_presharded_alone_is_plain_data():
 def test_presharded_cannot_be_subsampled():
     with pytest.raises(ValueError, match="full data"):
         PreSharded(make_data()).subset(torch.arange(3))
+    with pytest.raises(ValueError, match="full data"):
+        list(PreSharded(make_data()))
 
 
 if __name__ == "__main__":
