@@ -350,8 +350,10 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     out = {}
     if ctx.approx is None:
         which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
+        # one start vector, the sum of the known ones: its Krylov space serves both ends at
+        # one product per step (a block of two would cost two per step for little gain)
         rows = [start[e] for e in ends if e in start]
-        v0 = torch.stack(rows) if rows else None
+        v0 = torch.stack(rows).sum(0) if rows else None
         res = lanczos(op.matvec, op.n, which=which, k=1, v0=v0, tol=tols, max_matvecs=max_matvecs,
                       max_basis=ctx.max_basis, **common)
         pairs = {"min": 0, "max": -1}
