@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=None)
     p.add_argument("--hvp-batch-size", type=int, default=None, help="default 256 (smoke: 128)")
     p.add_argument("--curvature", default="none", choices=curvlab.CURVATURES)
+    p.add_argument("--approx-samples", type=int, default=None)
+    p.add_argument("--approx-rank", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default="runs/bench_gpu.json", help="JSON file with the figures")
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    smoke = args.smoke or device.type != "cuda"
+    smoke = args.smoke = args.smoke or device.type != "cuda"
     defaults = dict(SMOKE) if smoke else dict(width=1.0, subset=None, epochs=1, warm_epochs=1,
                                               max_hvps=300, hvp_batch_size=256)
     for k, v in defaults.items():

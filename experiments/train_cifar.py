@@ -82,8 +82,9 @@ TIME_KEYS = ("train_seconds", "test_seconds", "extremes_seconds", "cost_epochs_t
 RUNTIME_OPTIONS = ("resume", "overwrite", "out", "device", "quiet", "until", "data", "demo", "threads")
 
 #: The ``--demo`` configuration: a small CPU run with the extremes after every epoch.
-DEMO = dict(model="resnet20", width=0.25, subset=2000, test_subset=2000, epochs=3, batch_size=128,
-            lr=0.05, extremes_every=1, max_hvps=80, out="runs/demo", overwrite=True)
+DEMO = dict(model="resnet20", width=0.25, subset=2000, test_subset=1000, epochs=3, batch_size=128,
+            lr=0.05, extremes_every=1, extremes_subset=256, tol=0.05, tol_min=0.1, max_hvps=30,
+            out="runs/demo", overwrite=True)
 
 
 # --------------------------------------------------------------------------- options
@@ -136,6 +137,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                    help="exact or subsampled products (default: the library's, 'auto')")
     arg(g, "--sample-size", type=int, default=None, help="first subsample size (multilevel)")
     arg(g, "--confidence", type=float, default=None, help="level of sampling intervals")
+    arg(g, "--approx-samples", type=int, default=None,
+        help="samples the curvature approximation is built from (default: the library's)")
+    arg(g, "--approx-rank", type=int, default=None,
+        help="eigenvectors of the curvature approximation used (default: the library's)")
     arg(g, "--hvp-batch-size", type=int, default=256, help="batch size of the HVP passes")
     g = p.add_argument_group("run")
     arg(g, "--out", default=None, help="output folder (default: runs/MODEL-wWIDTH-seedSEED)")
@@ -316,13 +321,14 @@ def evaluate(model, X, Y, batch_size: int = 500):
 def extremes_options(args) -> dict:
     """Keyword arguments for :func:`curvlab.extremes` from the command line.
 
-    ``--sampling``, ``--sample-size`` and ``--confidence`` are passed only when
-    given, so the library's defaults apply otherwise.
+    ``--sampling``, ``--sample-size``, ``--confidence``, ``--approx-samples``
+    and ``--approx-rank`` are passed only when given, so the library's defaults
+    apply otherwise.
     """
     opts = dict(tol=args.tol, tol_min=args.tol_min, max_hvps=args.max_hvps, max_basis=args.max_basis,
                 curvature=args.curvature, batch_size=args.hvp_batch_size)
-    for name in ("sampling", "sample_size", "confidence"):
-        if getattr(args, name) is not None:
+    for name in ("sampling", "sample_size", "confidence", "approx_samples", "approx_rank"):
+        if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     return opts
 

@@ -86,7 +86,8 @@ def straight(cifar_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("curvature", curvlab.CURVATURES)
 def test_two_epoch_run_logs_one_line_per_epoch(cifar_dir, tmp_path, curvature):
-    records = _train(tmp_path, cifar_dir, "--epochs", "2", "--curvature", curvature)
+    approx = [] if curvature == "none" else ["--approx-samples", "8", "--approx-rank", "2"]
+    records = _train(tmp_path, cifar_dir, "--epochs", "2", "--curvature", curvature, *approx)
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert tuple(r) == train_cifar.LOG_KEYS
@@ -98,7 +99,9 @@ def test_two_epoch_run_logs_one_line_per_epoch(cifar_dir, tmp_path, curvature):
         assert lo <= r["lambda_max"] <= hi
         lo, hi = r["interval_min"]
         assert lo <= r["lambda_min"] <= hi
-        assert 0 < r["hvps"] <= 4 + 1e-9  # within the --max-hvps budget
+        assert r["hvps"] > 0
+        if curvature == "none":  # (building an approximation is counted on top of the solver's budget)
+            assert r["hvps"] <= 4 + 1e-9  # within the --max-hvps budget
         assert r["samples"] == pytest.approx(r["hvps"] * 16)
         assert r["cost_epochs_samples"] == pytest.approx(r["samples"] / 40)
         assert r["cost_epochs_time"] == pytest.approx(r["extremes_seconds"] / r["train_seconds"])
@@ -122,18 +125,20 @@ def test_extremes_every_k_leaves_other_epochs_empty(cifar_dir, tmp_path):
 
 def test_logged_lambda_max_is_that_of_the_unaugmented_subset_in_eval_mode(cifar_dir, tmp_path):
     """The logged interval contains lambda_max of the checkpointed model's Hessian over the
-    first 16 unaugmented training images, computed independently in float64."""
-    records = _train(tmp_path, cifar_dir, "--epochs", "1", "--tol", "1e-3", "--max-hvps", "40")
+    first 8 unaugmented training images, computed independently in float64."""
+    # a loose --tol-min: only lambda_max is checked here, and lambda_min would cost most of the HVPs
+    records = _train(tmp_path, cifar_dir, "--epochs", "1", "--tol", "1e-3", "--tol-min", "1",
+                     "--max-hvps", "40", "--extremes-subset", "8")
     r = records[0]
     assert r["converged_max"]
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     model = build_model("resnet20", 0.125)
     model.load_state_dict(ckpt["model"])
-    X, Y = load_cifar10(cifar_dir, limit=16)
+    X, Y = load_cifar10(cifar_dir, limit=8)
     ref = curvlab.extremes(model.double(), F.cross_entropy, (normalize(X, torch.float64), Y), which="LA",
-                           tol=1e-6, max_hvps=60)
+                           tol=1e-5, max_hvps=60)
     assert ref.converged_max
-    # the float64 reference is exact to 1e-6 relative; the float32 run's Rayleigh quotient
+    # the float64 reference is exact to 1e-5 relative; the float32 run's Rayleigh quotient
     # carries rounding of order sqrt(n) * eps32 * |lambda| ~ 1e-5 relative: allow 1e-4
     slack = 1e-4 * abs(ref.lambda_max)
     lo, hi = r["interval_max"]
