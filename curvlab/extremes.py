@@ -27,15 +27,21 @@ CURVATURES = ("none", "diag", "ggn", "kfac")
 
 
 
+def _hvp_samples(cost: Cost) -> float:
+    return cost.samples + cost.grad_samples / 2
+
+
 @dataclass(frozen=True)
 class CostRecord:
     """What a call spent.
 
     Attributes:
         hvps: Hessian-vector products in full-data equivalents: ``samples / N``
-            (a product over ``m`` of the ``N`` samples counts ``m / N``; a
-            per-sample curvature evaluation counts like one sample of a product).
-        samples: per-sample product evaluations, HVPs and curvature ones.
+            (a product over ``m`` of the ``N`` samples counts ``m / N``).
+        samples: per-sample HVP evaluations, plus half the gradient-equivalent
+            per-sample work of statistics and approximations (an HVP costs
+            about two gradients: 2.4x in FLOPs for the MLP of BENCHMARKS.md);
+            so a per-sample ``v^T H_d v`` or GGN product counts as one.
         passes: passes over (a subset of) the data.
         products: vectors multiplied by a (possibly subsampled) Hessian.
         seconds: wall time of the whole call.
@@ -49,8 +55,8 @@ class CostRecord:
 
     @staticmethod
     def total(costs, num_samples: int, seconds: float) -> "CostRecord":
-        samples = sum(c.samples for c in costs)
-        return CostRecord(hvps=samples / num_samples, samples=samples,
+        samples = sum(_hvp_samples(c) for c in costs)
+        return CostRecord(hvps=samples / num_samples, samples=int(samples),
                           passes=sum(c.passes for c in costs),
                           products=int(sum(c.hvps for c in costs)), seconds=seconds)
 
@@ -315,7 +321,7 @@ class _Context:
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
-        return sum(c.samples for c in self.costs + [self.H.cost]) / self.H.num_samples
+        return sum(_hvp_samples(c) for c in self.costs + [self.H.cost]) / self.H.num_samples
 
     def step(self, entry: dict, scale: float) -> None:
         """Record one solver step (``scale``: samples per product over N)."""
@@ -389,8 +395,9 @@ def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, ini
     H = ctx.H
     cost = Cost()
     ctx.costs.append(cost)
+    options = {"max_matvecs": 8 * rank + 20} if name == "ggn" else {}  # keep its own Lanczos cheap
     approx = build_curvature(name, H.fmodel, H.loss_fn, H.batches, max_samples=samples,
-                             seed=ctx.seed, cost=cost)
+                             seed=ctx.seed, cost=cost, **options)
     rank = min(rank, H.n)
     values, vectors = approx.top_eigenpairs(rank)
     ctx.approx, ctx.approx_vectors = approx, vectors
@@ -477,7 +484,6 @@ def _multilevel(ctx: _Context, v0, m: int):
         need = m
         for end, (theta, vec, res, conv) in found.items():
             q = HT.per_sample_curvature(vec)
-            HT.cost.samples += len(q)
             HT.cost.passes += 1
             est = holdout_rayleigh(theta, m, q, N)
             interval = extreme_interval(end, est, theta, res, ctx.z, m, N)
