@@ -27,6 +27,16 @@ D = torch.float64
 RTOL = 1e-10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny float64 problems run fastest on one thread; on a shared, loaded machine
+    several threads per process made small eigendecompositions 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- tiny problems -------------------------------------------------------------------
 def mlp(seed=0):
     torch.manual_seed(seed)
