@@ -27,6 +27,7 @@ This module holds what all of them need:
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -112,9 +113,13 @@ class CurvatureApprox:
         Raises:
             ValueError: ``k`` is not an int in ``[1, n]``.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
+        try:
+            k_int = operator.index(k) if not isinstance(k, bool) else None
+        except TypeError:
+            k_int = None
+        if k_int is None or not 1 <= k_int <= self.n:
             raise ValueError(f"k must be an int in [1, n={self.n}], got {k!r}")
-        values, vectors = self._top_eigenpairs(k)
+        values, vectors = self._top_eigenpairs(k_int)
         return values, vectors
 
     # -- to implement ---------------------------------------------------------
