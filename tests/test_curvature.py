@@ -27,6 +27,16 @@ D = torch.float64
 RTOL = 1e-10
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny float64 problems run fastest on one thread; on a shared, loaded machine
+    several threads per process made small eigendecompositions 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- tiny problems -------------------------------------------------------------------
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -54,6 +64,29 @@ def cnn_bn(seed=0):
     return m.eval()
 
 
+class ScaledTanh(nn.Module):
+    """A module with its own parameter *and* a child: its per-sample gradients need the
+    whole-network fallback (per-sample Jacobians), not the leaf-module path."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width, dtype=D))
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(x * self.scale)
+
+
+def mixed(seed=0):
+    """Linear, LayerNorm (a leaf without closed form: vmap path), ScaledTanh, Linear."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), ScaledTanh(6), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.normal_(0, 0.2)
+    return m.eval()
+
+
 def data(n, shape, classes=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g, dtype=D), torch.randint(0, classes, (n,), generator=g)
@@ -70,6 +103,7 @@ def batches(X, Y, size=4):
 
 
 PROBLEMS = {"mlp": (mlp, (5,)), "cnn_bn": (cnn_bn, (2, 6, 6))}
+DIAG_PROBLEMS = {**PROBLEMS, "mixed": (mixed, (5,))}
 
 
 # -- dense references -------------------------------------------------------------------
@@ -139,7 +173,7 @@ def kfac_reference(model, loss_fn, X, Y):
     factors = {}
     h = X
     for i, layer in enumerate(model):
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and getattr(layer, "groups", 1) == 1:
             tail = model[i + 1:]
             s = layer(h).detach()
             Js = vmap(jacrev(lambda si: tail(si[None])[0]))(s)        # (N, C, *s_shape[1:])
@@ -275,11 +309,23 @@ def test_kfac_conv_matches_definition(config):
     assert rel(dense_of(K), ref) < RTOL
 
 
-def test_kfac_batchnorm_parameters_get_exact_ggn_diagonal():
-    model = cnn_bn()
-    X, Y = data(11, (2, 6, 6))
+def grouped_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3)).double().eval()
+
+
+@pytest.mark.parametrize("name,diag_names", [
+    ("cnn_bn", ["1.weight", "1.bias"]),                      # BatchNorm: closed-form leaf path
+    ("mixed", ["1.weight", "1.bias", "2.scale"]),            # LayerNorm: vmap; scale: fallback
+    ("grouped", ["0.weight", "0.bias"]),                     # grouped conv: not factored, vmap
+])
+def test_kfac_other_parameters_get_exact_ggn_diagonal(name, diag_names):
+    make, shape = {**DIAG_PROBLEMS, "grouped": (grouped_cnn, (2, 6, 6))}[name]
+    model = make()
+    X, Y = data(11, shape)
     K = KFAC(FunctionalModel(model), F.cross_entropy, batches(X, Y))
-    assert K.diag_names == ["1.weight", "1.bias"]
+    assert K.diag_names == diag_names
     ref, _ = kfac_reference(model, F.cross_entropy, X, Y)
     assert rel(dense_of(K), ref) < RTOL
 
@@ -372,9 +418,9 @@ def test_kfac_hooks_removed_and_model_untouched():
 
 
 # -- diagonal ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize("name", list(DIAG_PROBLEMS))
 def test_exact_diagonal_matches_dense_ggn(name):
-    make, shape = PROBLEMS[name]
+    make, shape = DIAG_PROBLEMS[name]
     model = make()
     X, Y = data(11, shape)
     Dg = Diagonal(FunctionalModel(model), F.cross_entropy, batches(X, Y), method="exact")
@@ -396,9 +442,9 @@ def test_exact_diagonal_with_mse():
 def test_hutchinson_diagonal_is_unbiased():
     model = mlp()
     X, Y = data(11, (5,))
-    P = 200
-    Dg = Diagonal(FunctionalModel(model), F.cross_entropy, batches(X, Y), method="hutchinson", probes=P,
-                  seed=1)
+    P = 100
+    Dg = Diagonal(FunctionalModel(model), F.cross_entropy, batches(X, Y, size=11), method="hutchinson",
+                  probes=P, seed=1)
     G = dense_ggn(model, F.cross_entropy, X, Y)
     ref = torch.diagonal(G)
     # z_p (G z)_p = G_pp + sum_{q != p} z_p z_q G_pq: variance sigma_p^2 = sum_{q != p} G_pq^2 per
@@ -447,6 +493,26 @@ def test_kfac_without_linear_or_conv_raises():
     X, Y = data(4, (5,))
     with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
         KFAC(FunctionalModel(NoLayers().eval()), F.cross_entropy, (X, Y))
+
+
+class TiedHead(nn.Module):
+    """Owns the first layer's weight as well (weight tying with another kind of module)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.weight = lin.weight
+
+    def forward(self, h):
+        return h[:, :3] + h[:, :3] @ self.weight[:3, :3]
+
+
+def test_kfac_weight_tied_to_another_module_raises():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 6).double()
+    model = nn.Sequential(lin, nn.Tanh(), TiedHead(lin)).eval()
+    X, Y = data(4, (5,))
+    with pytest.raises(ValueError, match="weight tying"):
+        KFAC(FunctionalModel(model), F.cross_entropy, (X, Y))
 
 
 def test_kfac_with_frozen_linear_weights_raises():

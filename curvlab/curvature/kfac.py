@@ -30,9 +30,13 @@ for this block, ``C_M v = vec(G V_M A)``.
 
 Parameters of every other module (BatchNorm's scale and shift, grouped
 convolutions, a Linear whose bias alone is trainable, ...) form a diagonal block
-with the exact GGN diagonal (:func:`~curvlab.curvature.diag.ggn_diagonal`), so ``C``
-spans all trainable parameters and is block-diagonal:
-``C = blockdiag(A_1 (x) G_1, ..., A_L (x) G_L, diag(d))``.
+with the exact GGN diagonal, so ``C`` spans all trainable parameters and is
+block-diagonal: ``C = blockdiag(A_1 (x) G_1, ..., A_L (x) G_L, diag(d))``.  For
+parameters of leaf modules the diagonal comes from the same backward passes as
+the ``G`` factors (per-sample gradients of each module from its recorded input
+and output gradient, :class:`~curvlab.curvature.base.LeafGradients`); any other
+parameter (owned by a module with children, ...) gets
+:func:`~curvlab.curvature.diag.ggn_diagonal` with ``diag_method`` in a second pass.
 
 Each factor is eigendecomposed once (``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``,
 negative rounding clamped to 0), which gives per block
@@ -41,10 +45,18 @@ negative rounding clamped to 0), which gives per block
   forming any ``n x n`` matrix;
 * ``(C_M + d I)^{-1} v = vec(Q_G [(Q_G^T V_M Q_A) / (g a^T + d)] Q_A^T)``, exact.
 
-Cost of building: one pass over the ``m`` samples with one forward and ``r``
+Layers are found as modules (``named_modules``) and observed with forward
+hooks during ``functional_call``: a layer whose weight is used without calling
+the module (``F.linear(x, layer.weight)`` elsewhere) is not seen; a module never
+called on the first batch is left to the diagonal block, and a Linear/Conv2d
+parameter that another module owns as well (weight tying) raises.
+
+Cost of building: one forward pass on the first batch (finding the layers
+called), then one pass over the ``m`` samples with one forward and ``r``
 backward passes per batch (``r`` = number of outputs for ``fisher="exact"``,
-``mc_samples`` for ``"mc"``), plus the diagonal's pass when some parameters are
-not covered; then ``O(out^3 + in^3)`` per layer for the eigendecompositions.
+``mc_samples`` for ``"mc"``); then ``O(out^3 + in^3)`` per layer for the
+eigendecompositions.  Afterwards ``matvec``, ``inverse`` and ``top_eigenpairs``
+touch no data: ``O(sum_l out_l in_l (out_l + in_l))`` per vector.
 """
 
 from __future__ import annotations
@@ -59,7 +71,8 @@ from torch import Tensor, nn
 
 from ..functional import FunctionalModel
 from ..hvp import Cost
-from .base import CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches
+from .base import (CurvatureApprox, LeafGradients, ProbeRecord, Timer, collect_batches,
+                   discover_probes, output_hessian_sqrt, probe_columns, probed_forward, sample_batches)
 from .diag import DIAG_METHODS, ggn_diagonal
 
 __all__ = ["KFAC", "KFACBlock", "FISHER_TYPES", "SUPPORTED_LAYERS"]
@@ -115,8 +128,9 @@ class KFAC(CurvatureApprox):
             loss) or ``"mc"`` (``mc_samples`` labels per sample drawn from the
             model's softmax; softmax cross-entropy only).
         mc_samples: labels per sample for ``fisher="mc"``.
-        diag_method, probes: how the diagonal block of uncovered parameters is
-            computed (see :mod:`curvlab.curvature.diag`).
+        diag_method, probes: how the diagonal entries of parameters outside leaf
+            modules are computed (see :mod:`curvlab.curvature.diag`; leaf modules'
+            parameters always get the exact diagonal, at no extra pass).
 
     Attributes:
         blocks: the :class:`KFACBlock` objects, in module order.
@@ -160,11 +174,17 @@ class KFAC(CurvatureApprox):
         with Timer(self.cost):
             self._find_layers()
             data, self.num_samples = collect_batches(fmodel, batches, max_samples)
+            self._select(data)
             self._accumulate(data, seed)
             self._build_diagonal(data, diag_method, probes, seed)
             for blk in self.blocks:
+                if not (torch.isfinite(blk.A).all() and torch.isfinite(blk.G).all()):
+                    raise ValueError(f"K-FAC factors of layer {blk.modules[0]!r} are not finite: check "
+                                     "the model/inputs or use dtype=torch.float64")
                 blk.eig_A = _eigh_psd(blk.A)
                 blk.eig_G = _eigh_psd(blk.G)
+            if not torch.isfinite(self.diagonal).all():
+                raise ValueError("K-FAC's diagonal block is not finite: check the model/inputs")
         self._check_coverage()
 
     # -- building ------------------------------------------------------------------
@@ -222,102 +242,98 @@ class KFAC(CurvatureApprox):
             return None
         return dict(self.fmodel.module.named_parameters())[name]
 
-    def _accumulate(self, data, seed: int) -> None:
-        fm = self.fmodel
-        by_weight = {blk.weight: blk for blk in self.blocks}
-        modules = dict(fm.module.named_modules())
-        A_sum = {w: None for w in by_weight}
-        G_sum = {w: None for w in by_weight}
-        rows = {w: 0 for w in by_weight}
-        gen = torch.Generator().manual_seed(seed)
-        fired: set = set()
-        first = True
-        for index, x, y, nb in sample_batches(fm, data, None):
-            records: List[Tuple[str, Tensor, Tensor, bool]] = []   # (weight, probe e, features a, conv)
-
-            def make_hook(mname: str):
-                w = self._layer_of[mname]
-
-                def hook(mod, inputs, output):
-                    a = inputs[0].detach()
-                    conv = isinstance(mod, nn.Conv2d)
-                    if conv:
-                        if a.dim() != 4:
-                            raise ValueError(f"Conv2d {mname!r} got an input of shape {tuple(a.shape)}: "
-                                             "K-FAC needs batched (b, c, h, w) inputs")
-                        a = _conv_patches(mod, a)
-                    else:
-                        a = a.reshape(-1, a.shape[-1])
-                    if by_weight[w].bias is not None:
-                        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-                    # a zero probe added to the output: d(out)/d(probe) is the output gradient,
-                    # unaffected by in-place operations that later modify the layer's output
-                    e = torch.zeros_like(output, requires_grad=True)
-                    records.append((w, e, a, conv))
-                    fired.add(mname)
-                    return output + e
-                return hook
-
-            handles = [modules[mn].register_forward_hook(make_hook(mn)) for mn in self._layer_of]
-            params = {k: p.detach().requires_grad_(True) for k, p in fm.params.items()}
-            try:
-                with torch.enable_grad():
-                    out = fm(params, x)
-            finally:
-                for h in handles:
-                    h.remove()
-            if first:
-                self._drop_unused(fired)
-                by_weight = {blk.weight: blk for blk in self.blocks}
-                records = [r for r in records if r[0] in by_weight]
-                first = False
-            S = output_hessian_sqrt(self.loss_fn, out.detach(), y, fisher=self.fisher,
-                                    mc_samples=self.mc_samples, generator=gen, index=index)
-            for w, e, a, _ in records:
-                A_sum[w] = a.T @ a if A_sum[w] is None else A_sum[w] + a.T @ a
-                rows[w] += a.shape[0]
-            probes = [e for _, e, _, _ in records]
-            r = S.shape[2]
-            for j in range(r):
-                cot = S[:, :, j].reshape(out.shape)
-                grads = torch.autograd.grad(out, probes, grad_outputs=cot, retain_graph=j < r - 1,
-                                            allow_unused=True)
-                for (w, _, _, conv), g in zip(records, grads):
-                    if g is None:
-                        continue
-                    g = rearrange(g, "b o h w -> (b h w) o") if conv else g.reshape(-1, g.shape[-1])
-                    G_sum[w] = g.T @ g if G_sum[w] is None else G_sum[w] + g.T @ g
-            self.cost.grad_samples += r * nb
-        m = self.num_samples
-        for blk in self.blocks:
-            w = blk.weight
-            if A_sum[w] is None:
-                raise ValueError(f"layer {blk.modules[0]!r} was never called in the forward pass")
-            blk.rows = rows[w]
-            blk.A = A_sum[w] / rows[w]
-            blk.G = G_sum[w] / m if G_sum[w] is not None else torch.zeros(
-                blk.index.shape[0], blk.index.shape[0], dtype=fm.dtype, device=fm.device)
-
-    def _drop_unused(self, fired: set) -> None:
-        """Layers whose forward hook never fired (weights used functionally) go to the diagonal."""
+    def _select(self, data) -> None:
+        """Keep the layers a forward pass calls as modules; plan the diagonal block."""
+        modules = dict(self.fmodel.module.named_modules())
+        covered = {blk.weight for blk in self.blocks} | {blk.bias for blk in self.blocks if blk.bias}
+        leaf = LeafGradients(self.fmodel, [k for k in self.fmodel.spec.names if k not in covered])
+        fired = discover_probes(self.fmodel, data,
+                                {**{mn: modules[mn] for mn in self._layer_of}, **leaf.modules})
         keep = []
         for blk in self.blocks:
             blk.modules = [mn for mn in blk.modules if mn in fired]
             if blk.modules:
                 keep.append(blk)
-        self._layer_of = {mn: w for mn, w in self._layer_of.items() if mn in fired}
         if not keep:
             raise ValueError(
-                "none of the model's nn.Linear/nn.Conv2d layers is called as a module in the "
-                "forward pass, so K-FAC has no layer to factor; use 'diag' or 'ggn' instead")
+                "none of the model's nn.Linear/nn.Conv2d layers is called as a module with one "
+                "batched tensor input in the forward pass, so K-FAC has no layer to factor; use "
+                "'diag' or 'ggn' instead")
         self.blocks = keep
+        self._layer_of = {mn: blk.weight for blk in keep for mn in blk.modules}
+        self._block_modules = {mn: modules[mn] for mn in self._layer_of}
+        covered = {blk.weight for blk in keep} | {blk.bias for blk in keep if blk.bias}
+        self.diag_names = [k for k in self.fmodel.spec.names if k not in covered]
+        self._leaf = LeafGradients(self.fmodel, self.diag_names)
+        self._leaf.restrict(fired)
+
+    def _accumulate(self, data, seed: int) -> None:
+        """One pass: ``A`` from the recorded inputs, ``G`` and the leaf diagonal from
+        ``r`` backward passes per batch (module docstring)."""
+        fm = self.fmodel
+        by_weight = {blk.weight: blk for blk in self.blocks}
+        A_sum = {w: 0 for w in by_weight}
+        G_sum = {w: 0 for w in by_weight}
+        rows = {w: 0 for w in by_weight}
+        self._diag_sum = {k: torch.zeros_like(fm.params[k]) for k in self._leaf.names}
+        gen = torch.Generator().manual_seed(seed)
+        probed = {**self._block_modules, **self._leaf.modules}
+        for index, x, y, nb in sample_batches(fm, data, None):
+            out, records, _ = probed_forward(fm, x, probed)
+            S = output_hessian_sqrt(self.loss_fn, out.detach(), y, fisher=self.fisher,
+                                    mc_samples=self.mc_samples, generator=gen, index=index)
+            is_block = [rec.module in self._layer_of for rec in records]
+            for rec, blocky in zip(records, is_block):
+                if blocky:
+                    w = self._layer_of[rec.module]
+                    a = self._features(rec, by_weight[w])
+                    A_sum[w] = A_sum[w] + a.T @ a
+                    rows[w] += a.shape[0]
+            for _, grads in probe_columns(out, S, [rec.probe for rec in records]):
+                for rec, blocky, g in zip(records, is_block, grads):
+                    if blocky and g is not None:
+                        w = self._layer_of[rec.module]
+                        g = rearrange(g, "b o h w -> (b h w) o") if g.dim() == 4 and \
+                            isinstance(self._block_modules[rec.module], nn.Conv2d) \
+                            else g.reshape(-1, g.shape[-1])
+                        G_sum[w] = G_sum[w] + g.T @ g
+                for k, v in self._leaf.square_sums(records, grads).items():
+                    self._diag_sum[k].add_(v)
+            self.cost.grad_samples += S.shape[2] * nb
+        m = self.num_samples
+        for blk in self.blocks:
+            w = blk.weight
+            if rows[w] == 0:
+                raise ValueError(f"layer {blk.modules[0]!r} was not called in the forward pass")
+            blk.rows = rows[w]
+            blk.A = A_sum[w] / rows[w]
+            out_dim = blk.index.shape[0]
+            blk.G = G_sum[w] / m if isinstance(G_sum[w], Tensor) else \
+                torch.zeros(out_dim, out_dim, dtype=fm.dtype, device=fm.device)
+
+    def _features(self, rec: ProbeRecord, blk: KFACBlock) -> Tensor:
+        """Rows ``a_dt`` (with a trailing 1 for the bias): one per sample and location."""
+        mod = self._block_modules[rec.module]
+        a = rec.inputs
+        if isinstance(mod, nn.Conv2d):
+            if a.dim() != 4:
+                raise ValueError(f"Conv2d {rec.module!r} got an input of shape {tuple(a.shape)}: "
+                                 "K-FAC needs batched (b, c, h, w) inputs")
+            a = _conv_patches(mod, a)
+        else:
+            a = a.reshape(-1, a.shape[-1])
+        if blk.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a
 
     def _build_diagonal(self, data, method: str, probes: int, seed: int) -> None:
         spec = self.fmodel.spec
-        covered = {blk.weight for blk in self.blocks} | {blk.bias for blk in self.blocks if blk.bias}
-        self.diag_names = [k for k in spec.names if k not in covered]
-        d = ggn_diagonal(self.fmodel, self.loss_fn, data, self.diag_names, method=method, probes=probes,
-                         seed=seed + 1, fisher=self.fisher, mc_samples=self.mc_samples, cost=self.cost)
+        m = self.num_samples
+        d = {k: v / m for k, v in self._diag_sum.items()}
+        if self._leaf.rest:
+            d.update(ggn_diagonal(self.fmodel, self.loss_fn, data, self._leaf.rest, method=method,
+                                  probes=probes, seed=seed + 1, fisher=self.fisher,
+                                  mc_samples=self.mc_samples, cost=self.cost))
         flat = spec.slices()
         if self.diag_names:
             self.diag_index = torch.cat([torch.arange(flat[k].start, flat[k].stop) for k in self.diag_names])
