@@ -41,6 +41,7 @@ def test_numbers_are_well_formed(result):
         # throughput is images * vectors / median time, by definition
         assert r["images_vectors_per_s"] == pytest.approx(batch * r["k"] / r["seconds"])
         assert 0 < r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["ratio_best"] > 0 and math.isfinite(r["ratio_best"])
 
 
 def test_reference_gradient_has_ratio_one(result):
@@ -108,3 +109,17 @@ def test_thread_counts_are_timed_side_by_side_and_restored(monkeypatch):
     # warm-up plus one round, each call set to its own group's count, then the default restored
     assert sorted(calls[:-1]) == [1] * 8 + [3] * 8 and calls[-1] == default
     assert all(r["flops"] is None and r["flop_ratio"] is None for r in res["rows"])
+
+
+def test_profile_names_a_configuration():
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table = bench_hvp.profile_config("single HVP rev-rev", width=0.125, batch=2, ks=(1,),
+                                         methods=("rev-rev",))
+        assert "convolution" in table  # a ResNet's HVP runs convolution kernels
+        with pytest.raises(ValueError, match="no configuration"):
+            bench_hvp.profile_config("block k=3 rev-rev", width=0.125, batch=2, ks=(1,))
+    finally:
+        torch.set_num_threads(before)
