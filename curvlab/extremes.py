@@ -8,6 +8,7 @@ usable on its own.
 
 from __future__ import annotations
 
+import math
 import time
 from statistics import NormalDist
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, Cost, HessianOperator
 from .lanczos import lanczos
-from .sampling import extreme_interval, holdout_rayleigh, sample_size_for
+from .sampling import (extreme_interval, holdout_estimate, holdout_size_for, kato_temple_interval,
+                       sample_size_for)
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
@@ -75,11 +77,12 @@ class ExtremesResult:
       and ``interval_min = (theta - res, theta)``; the estimate is the Ritz
       value ``theta`` (its error is usually far below ``res``: ``res^2 / gap``).
     * **subsampled** (a fixed random subset ``S`` of ``sample_size`` samples):
-      the vector found on ``S`` is evaluated on independent samples (sample
+      the vector found on ``S`` is evaluated on an independent holdout (sample
       splitting); the resulting unbiased Rayleigh quotient of the full-data
       Hessian bounds ``lambda_max`` from below (``lambda_min`` from above) up to
-      its confidence half-width; the subsample's own extreme Ritz value (biased
-      outward) and the confidence bound form the other side.
+      its confidence half-width; the other side is the tighter of the
+      subsample's own extreme Ritz value (biased outward) plus its sampling
+      spread, and a Kato-Temple bound from the estimated full-data residual.
       The estimate is the interval's centre. ``error_parts`` says how much of
       the width is sampling, how much solver.
 
@@ -157,12 +160,16 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         norms (to solver tolerance, no statistics).
     ``"multilevel"``
         the solver runs on a fixed random subset ``S`` (``sample_size``
-        samples, default 2048 or the previous call's choice), its vectors are
-        checked on an independent subset of the same size (per-sample
-        ``v^T H_d v``, sample splitting), and ``S`` grows (warm-started) until
-        the interval is within tolerance, up to the full data.  Costs a
-        fraction of one full-data product per eigenvalue on large data sets;
-        intervals are ``confidence`` intervals, not guarantees.
+        samples, default 2048 or the previous call's choice); its vectors are
+        certified on an independent holdout (sample splitting), grown until
+        the sampling error is within tolerance: unbiased full-data Rayleigh
+        quotients with standard errors, and Kato-Temple bounds from estimated
+        full-data residuals.  ``S`` grows (warm-started) only when the part of
+        the interval that depends on it is too wide; past ``N/2`` the rest is
+        solved exactly.  Cheap for an isolated ``lambda_max``; a ``lambda_min``
+        inside a dense cluster usually needs the exact stage.  Intervals are
+        ``confidence`` intervals, not guarantees; when ``max_hvps`` runs out,
+        the last intervals are returned with ``converged_* = False``.
     ``"auto"`` (default): exact when ``N <= 4 * sample_size``, where
     subsampling cannot save much, multilevel otherwise.
 
@@ -181,7 +188,9 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         floor: an end also counts as converged when its error is below
             ``floor * |lambda_max|``: a ``lambda_min`` that is zero at the scale of
             ``lambda_max`` cannot be resolved relatively.
-        max_hvps: budget in full-data Hessian-vector product equivalents.
+        max_hvps: budget in full-data Hessian-vector product equivalents (one is
+            about 2.4 training epochs of gradient work for an MLP, 2-3 in general:
+            a budget of one epoch is ``max_hvps`` of about 0.4).
         max_basis: Krylov basis size before a thick restart (memory: twice
             this many vectors of length ``n``).
         init: a previous :class:`ExtremesResult` (same architecture): its
@@ -339,8 +348,11 @@ def _ends_of(which: str) -> List[str]:
 
 
 def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict,
-                tol_scale: float, budget_hvps: float) -> dict:
-    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged)}``.
+                tol_scale: float, budget_hvps: float, k: int = 1) -> dict:
+    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged, next)}``.
+
+    ``next`` is ``(theta_2, residual_2)``, the next Ritz pair inward at that end,
+    when ``k = 2`` pairs per end are asked for (``None`` for ``k = 1``).
 
     Without an approximation: one Lanczos run for both ends, started from the
     ``start`` vectors (warm start) or at random.  With one (``ctx.approx``):
@@ -360,32 +372,36 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
         # one product per step (a block of two would cost two per step for little gain)
         rows = [start[e] for e in ends if e in start]
         v0 = torch.stack(rows).sum(0) if rows else None
-        res = lanczos(op.matvec, op.n, which=which, k=1, v0=v0, tol=tols, max_matvecs=max_matvecs,
+        res = lanczos(op.matvec, op.n, which=which, k=k, v0=v0, tol=tols, max_matvecs=max_matvecs,
                       max_basis=ctx.max_basis, **common)
-        pairs = {"min": 0, "max": -1}
+        pairs = {"min": (0, 1), "max": (-1, -2)}
         for e in ends:
-            i = pairs[e]
-            out[e] = (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]),
-                      bool(res.converged[i]))
+            i, j = pairs[e]
+            out[e] = _pair(res, i, j if k > 1 else None)
         return out
     from .lobpcg import lobpcg
 
     share = max_matvecs // len(ends)
     if "max" in ends:
         rows = ([start["max"]] if "max" in start else []) + [ctx.approx_vectors.to(op.device, op.dtype)]
-        res = lanczos(op.matvec, op.n, which="LA", k=1, v0=torch.cat([r.reshape(-1, op.n) for r in rows]),
+        res = lanczos(op.matvec, op.n, which="LA", k=k, v0=torch.cat([r.reshape(-1, op.n) for r in rows]),
                       block_size=1, tol=tols, max_matvecs=share, max_basis=ctx.max_basis, **common)
-        out["max"] = (float(res.values[-1]), res.vectors[-1], float(res.residual_norms[-1]),
-                      bool(res.converged[-1]))
+        out["max"] = _pair(res, -1, -2 if k > 1 else None)
     if "min" in ends:
         delta = ctx.approx_shift
         X0 = start["min"][None] if "min" in start else None
-        res = lobpcg(op.matvec, op.n, which="SA", k=1, X0=X0,
+        res = lobpcg(op.matvec, op.n, which="SA", k=k, X0=X0,
                      precond=lambda V: ctx.approx.inverse(V, delta), tol=tols[0],
                      max_matvecs=max_matvecs - (share if "max" in ends else 0), **common)
-        out["min"] = (float(res.values[0]), res.vectors[0], float(res.residual_norms[0]),
-                      bool(res.converged[0]))
+        out["min"] = _pair(res, 0, 1 if k > 1 else None)
     return out
+
+
+def _pair(res, i: int, j: int | None) -> tuple:
+    """``(theta, vector, residual, converged, next)`` of a solver result's pair ``i``."""
+    nxt = None if j is None else (float(res.values[j]), float(res.residual_norms[j]))
+    return (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]),
+            bool(res.converged[i]), nxt)
 
 
 def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
@@ -427,7 +443,7 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     budget = ctx.max_hvps - ctx.spent()
     found = _solve_ends(ctx, H, ends, v0, 1.0, budget)
     out = {}
-    for end, (theta, vec, res, conv) in found.items():
+    for end, (theta, vec, res, conv, _) in found.items():
         # Courant-Fischer holds in exact arithmetic; a computed Rayleigh quotient can
         # pass the true extreme by its rounding error, about sqrt(n) eps |theta|
         slack = _rounding(H, theta)
@@ -442,71 +458,172 @@ def _rounding(H: HessianOperator, theta: float) -> float:
 
 
 def _multilevel(ctx: _Context, v0, m: int):
-    """Solve on growing nested subsamples until the intervals meet the tolerances.
+    """Search on a subsample, certify on a holdout; grow the subsample only when needed.
 
-    At a level with subsample ``S`` (``m`` samples) and an independent holdout
-    ``T`` (the next ``m`` samples of the same random permutation):
+    At a level with subsample ``S`` (the first ``m`` samples of a random
+    permutation):
 
-    1. Lanczos on ``H_S`` (warm-started), to half the tolerance;
-    2. for each end's Ritz pair ``(theta_S, v)``: per-sample ``q_d = v^T H_d v`` on
-       ``T`` estimate the Rayleigh quotient of the *full* Hessian without the
-       selection bias of ``S``:
-       ``r = (m theta_S + (N - m) mean_T q) / N``, standard error
-       ``se = (N - m)/N * std_T(q) / sqrt(|T|) * sqrt(1 - |T| / (N - m))``;
-    3. ``lambda_max >= r(v)`` (Courant-Fischer), so ``r - z se`` is a lower
-       confidence bound; the upper side is ``max(theta_S + res_S, r + z se)``:
-       the subsample's own extreme is biased outward (its expectation is
-       beyond the full-data one), the confidence bound covers the case where
-       that bias is small.  Mirrored for ``lambda_min``;
-    4. an end is done when its half-width is within tolerance; otherwise the
-       next size follows from the observed half-width, which shrinks like
-       ``1/sqrt(m)``: ``m' = m (halfwidth / target)^2`` (at least ``2m``).  Once
-       ``m' >= N/2`` the remaining ends are solved exactly on all data.
+    1. **search**: Lanczos on ``H_S`` (warm-started), two Ritz pairs per wanted
+       end, to half the tolerance, with at most half the remaining budget;
+    2. **certify** on a holdout ``T`` drawn from the samples after ``S`` (sample
+       splitting: ``T`` is independent of the vectors found on ``S``), grown in
+       chunks until the sampling part of each interval is within tolerance or
+       ``T`` is everything outside ``S`` (then the Rayleigh quotient is exact):
+       group products ``H_g v`` give the unbiased full-data Rayleigh quotient
+       ``r`` with its standard error ``se``, and a noise-free estimate of the
+       full-data residual ``||H v - r v||`` (:mod:`curvlab.sampling`);
+    3. **interval**, for ``lambda_max`` (mirrored for ``lambda_min``): below,
+       ``r - z se`` (Courant-Fischer: ``lambda_max >= r``); above, the tighter of
+       the subsample bound ``theta_S + res_S + z sigma / sqrt(m)`` (the top
+       eigenvector's curvature on ``S`` cannot exceed the subsample's extreme)
+       and Kato-Temple ``r + z se + res^2 / (r - lambda_2)``, whose quadratic
+       term makes an isolated outlier cheap to certify (``lambda_2`` bounded
+       from the subsample's second Ritz pair);
+    4. an end is done when its half-width is within tolerance.  Otherwise the
+       subsample-dependent part of its width decides the next size
+       (``m' = m (width / target)^2``, at least ``2m``); once ``m' > N/2`` the
+       remaining ends are solved exactly on all data.
+
+    When the budget (``max_hvps``) runs out, the ends not done are returned
+    with their last intervals and ``converged = False``.
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
     todo = _ends_of(ctx.which)
     done: dict = {}
+    last: dict = {}
     levels: List[dict] = []
     start, m_used = v0, m
     while todo:
-        if 2 * m > N or ctx.spent() >= ctx.max_hvps:
+        remaining = ctx.max_hvps - ctx.spent()
+        if remaining <= 0:
+            break
+        if 2 * m > N:
             done.update(_exact(ctx, H, start, todo))
             return done, levels, N
         S = H.batches.subset(perm[:m])
-        T = H.batches.subset(perm[m:2 * m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
-        HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
-        ctx.costs += [HS.cost, HT.cost]
-        budget = max(0.0, ctx.max_hvps - ctx.spent())
-        found = _solve_ends(ctx, HS, todo, start, 0.5, budget)
+        ctx.costs.append(HS.cost)
+        found = _solve_ends(ctx, HS, todo, start, 0.5, 0.5 * remaining, k=2)
+        ests = _certify(ctx, perm, m, found, todo)
         level = {"sample_size": m, "ends": {}}
         need = m
-        for end, (theta, vec, res, conv) in found.items():
-            q = HT.per_sample_curvature(vec)
-            HT.cost.passes += 1
-            est = holdout_rayleigh(theta, m, q, N)
-            interval = extreme_interval(end, est, theta, res, ctx.z, m, N)
+        for end in todo:
+            theta, vec, res, conv, nxt = found[end]
+            est = ests[end]
+            interval, kt, linear = _level_interval(ctx, end, found[end], est, m)
             half = (interval[1] - interval[0]) / 2
             centre = (interval[0] + interval[1]) / 2
-            top = found["max"][0] if "max" in found else done.get("max", {}).get("value", 0.0)
-            target = max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre),
-                         ctx.floor * abs(top))
+            target = _target(ctx, end, centre, found, done)
             ok = half <= target
             level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
-                                      standard_error=est.se, interval=interval, accepted=ok)
+                                      standard_error=est.se, holdout=est.holdout,
+                                      residual_full=est.residual, interval=interval,
+                                      kato_temple=kt, accepted=ok)
+            entry = dict(value=centre, interval=interval, vector=vec, converged=ok, solver=res,
+                         sampling=ctx.z * est.se)
             if ok:
-                done[end] = dict(value=centre, interval=interval, vector=vec, converged=True,
-                                 solver=res, sampling=ctx.z * est.se)
+                done[end] = entry
             else:
-                need = max(need, sample_size_for(m, half, target, N))
+                last[end] = entry
+                # the part of the width a larger subsample shrinks: like 1/m when the
+                # Kato-Temple side (res^2 ~ 1/m) binds, like 1/sqrt(m) otherwise
+                part = max(half - ctx.z * est.se, 1e-300)
+                goal = max(target - ctx.z * est.se, 0.3 * target)
+                grow = part / goal if linear else (part / goal) ** 2
+                need = max(need, int(min(N, max(2 * m, math.ceil(m * grow)))))
         level["hvps_so_far"] = ctx.spent()
         levels.append(level)
         m_used = m
         todo = [e for e in todo if e not in done]
         start = {e: found[e][1] for e in todo}
         m = need
+    for end in todo:  # budget spent: the last intervals, not converged
+        if end in last:
+            done[end] = last[end]
+        else:
+            done.update(_exact(ctx, H, start, [end]))
     return done, levels, m_used
+
+
+def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
+    """Half-width wanted for ``end``: its tolerance, or the floor relative to ``lambda_max``."""
+    top = found["max"][0] if "max" in found else done.get("max", {}).get("value", 0.0)
+    return max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre), ctx.floor * abs(top))
+
+
+def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
+    """Interval of one end at a level: ``(interval, kato_temple, kato_temple_binds)``.
+
+    The outward side is the tighter of the subsample bound
+    (:func:`curvlab.sampling.extreme_interval`) and Kato-Temple
+    (:func:`curvlab.sampling.kato_temple_interval`, with the next eigenvalue
+    taken as the subsample's next Ritz value moved outward by its residual).
+    """
+    theta, _, res, _, nxt = pair
+    N = ctx.H.num_samples
+    stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
+    if nxt is None:
+        neighbour = math.inf if end == "max" else -math.inf
+    else:
+        neighbour = nxt[0] + nxt[1] if end == "max" else nxt[0] - nxt[1]
+    kt = kato_temple_interval(end, est, ctx.z, neighbour)
+    if end == "max":
+        return (stat[0], min(stat[1], kt[1])), kt, kt[1] < stat[1]
+    return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
+
+
+def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) -> dict:
+    """Grow a holdout after the subsample until each end's sampling error is small enough.
+
+    Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
+    least 512); after each chunk every end's interval is formed
+    (:func:`_level_interval`); an end whose width is within tolerance, or whose
+    subsample-dependent part alone misses it (it needs a larger subsample, not
+    a larger holdout), asks for no more.  The others ask for the size that
+    leaves room for that part (:func:`curvlab.sampling.holdout_size_for`).  The
+    holdout at least doubles, goes straight to all remaining samples when that
+    is most of them, and stays within the budget.
+    """
+    H, N = ctx.H, ctx.H.num_samples
+    rest = N - m
+    V = torch.stack([found[e][1] for e in ends]).to(H.device, H.dtype)
+    V = V / V.norm(dim=1, keepdim=True)
+    t, acc = 0, None
+    t_next = min(rest, max(m, 512))
+    group = max(8, min(256, t_next // 32))
+    while True:
+        T = H.batches.subset(perm[m + t:m + t_next])
+        HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
+        ctx.costs.append(HT.cost)
+        part = HT.holdout_statistics(V, group_size=group)
+        if acc is None:
+            acc = part
+        else:
+            acc.merge(part)
+        t = t_next
+        ests = {e: holdout_estimate(acc, j, found[e][0], found[e][2], m, N) for j, e in enumerate(ends)}
+        if t >= rest:
+            return ests
+        want = t
+        for e in ends:
+            est = ests[e]
+            interval, _, _ = _level_interval(ctx, e, found[e], est, m)
+            half = (interval[1] - interval[0]) / 2
+            target = _target(ctx, e, (interval[0] + interval[1]) / 2, found, {})
+            other = half - ctx.z * est.se
+            if half > target and other < 0.8 * target:
+                want = max(want, holdout_size_for(est, ctx.z, target - other, m, N))
+        if want <= t:
+            return ests
+        t_new = min(rest, max(2 * t, int(1.1 * want)))
+        if t_new > 0.6 * rest:
+            t_new = rest
+        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
+        t_new = min(t_new, affordable)
+        if t_new <= t + 1:
+            return ests
+        t_next = t_new
 
 
 def _warm_start(init: ExtremesResult | None, n: int) -> dict:

@@ -245,6 +245,54 @@ class HessianOperator:
         self.cost.seconds += time.perf_counter() - t0
         return total[0] if single else total
 
+    def holdout_statistics(self, V: Tensor, group_size: int = 64):
+        """Products ``H_g V`` over groups ``g`` of about ``group_size`` samples, as sums.
+
+        Returns a :class:`curvlab.sampling.HoldoutAccumulator` for the ``k`` rows of
+        ``V`` (unit vectors): the mean product ``H V`` over this operator's data and
+        the groups' spread, from which the standard error of each Rayleigh quotient
+        and a noise-free estimate of its residual follow (no per-sample backward
+        passes: each group is one block HVP).  Batches are cut into groups when
+        their inputs are tensors; other batches are one group each.
+
+        Cost: the same as :meth:`matvec` on ``V`` (``k * N`` per-sample products).
+        """
+        from .sampling import HoldoutAccumulator
+
+        single = V.dim() == 1
+        V = (V[None] if single else V).to(self.device, self.dtype)
+        if V.dim() != 2 or V.shape[1] != self.n:
+            raise ValueError(f"V must have shape (n,) or (k, n) with n={self.n}, got {tuple(V.shape)}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        t0 = time.perf_counter()
+        batch_hvp = self._batch_hvp_revrev if self.method == "rev-rev" else self._batch_hvp_fwdrev
+        acc = HoldoutAccumulator(V)
+        scalars = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+        def local_sum():
+            for index, (x, y) in enumerate(self.parallel.local):
+                x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
+                nb = batch_size_of(x)
+                if nb == 0:
+                    continue
+                cuts = range(0, nb, group_size) if isinstance(x, Tensor) and isinstance(y, Tensor) else [0]
+                for start in cuts:
+                    xs, ys = (x[start:start + group_size], y[start:start + group_size]) if len(cuts) > 1 else (x, y)
+                    hv = batch_hvp(xs, ys, index, V)
+                    if not torch.isfinite(hv).all():
+                        raise ValueError(f"Hessian-vector product is not finite on batch {index}")
+                    acc.add(hv, batch_size_of(xs))
+            scalars.copy_(torch.tensor([acc.W1, acc.W2, acc.groups], dtype=torch.float64))
+
+        self.parallel.sum_(local_sum, acc.P1, acc.P2, acc.S2, acc.Q1, acc.Q2, scalars)
+        acc.W1, acc.W2, acc.groups = float(scalars[0]), float(scalars[1]), int(scalars[2])
+        self.cost.hvps += V.shape[0]
+        self.cost.samples += V.shape[0] * self.num_samples
+        self.cost.passes += 1
+        self.cost.seconds += time.perf_counter() - t0
+        return acc
+
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Full-data mean loss and its gradient ``(n,)`` (one pass)."""
         t0 = time.perf_counter()

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RayleighEstimate", "holdout_rayleigh", "extreme_interval", "sample_size_for"]
+__all__ = ["RayleighEstimate", "holdout_rayleigh", "extreme_interval", "sample_size_for",
+           "HoldoutAccumulator", "HoldoutEstimate", "holdout_estimate", "holdout_size_for",
+           "kato_temple_interval"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,177 @@ def sample_size_for(m: int, half_width: float, target: float, N: int, growth: fl
         return N
     want = m * (half_width / target) ** 2
     return int(min(N, max(growth * m, math.ceil(want))))
+
+
+# -- holdout statistics from group products (no per-sample backward passes) --------------
+#
+# The holdout ``T`` is passed in groups ``g`` of ``n_g`` samples; each group gives the
+# products ``H_g v_j`` (mean over the group) of the ``k`` unit vectors ``v_j``.  Group means
+# are independent draws (up to the finite-population correction), so their spread gives
+# standard errors without per-sample work: the group quadratic forms ``q_g = v^T H_g v``
+# estimate the Rayleigh quotient, the products themselves the full-data residual
+# ``||(I - v v^T) H v||`` that enters the Kato-Temple bound.  Only sums are kept, so
+# groups may come in any number of passes (and from any number of ranks: they add).
+
+
+class HoldoutAccumulator:
+    """Sufficient statistics of group products ``H_g V`` over a growing holdout.
+
+    Args:
+        V: ``(k, n)`` unit vectors (rows).
+
+    Attributes: sums over groups ``g`` with weights ``n_g``: ``W1 = sum n_g``,
+    ``W2 = sum n_g^2``, ``groups``; ``P1 = sum n_g H_g V`` and ``P2 = sum n_g^2 H_g V``
+    ``(k, n)``; ``S2 = sum n_g^2 ||H_g v_j||^2``, ``Q1 = sum n_g^2 q_gj``,
+    ``Q2 = sum n_g^2 q_gj^2`` ``(k,)`` in float64.
+    """
+
+    def __init__(self, V: Tensor):
+        self.V = V
+        k = V.shape[0]
+        self.W1 = self.W2 = 0.0
+        self.groups = 0
+        self.P1 = torch.zeros_like(V)
+        self.P2 = torch.zeros_like(V)
+        f64 = dict(dtype=torch.float64, device=V.device)
+        self.S2, self.Q1, self.Q2 = (torch.zeros(k, **f64) for _ in range(3))
+
+    def add(self, products: Tensor, size: int) -> None:
+        """One group of ``size`` samples with mean products ``products`` ``(k, n)``."""
+        w = float(size)
+        q = (products * self.V).sum(1).double()
+        self.W1 += w
+        self.W2 += w * w
+        self.groups += 1
+        self.P1.add_(products, alpha=w)
+        self.P2.add_(products, alpha=w * w)
+        self.S2 += w * w * products.double().pow(2).sum(1)
+        self.Q1 += w * w * q
+        self.Q2 += w * w * q * q
+
+    def merge(self, other: "HoldoutAccumulator") -> None:
+        """Add the groups of ``other`` (same vectors)."""
+        self.W1 += other.W1
+        self.W2 += other.W2
+        self.groups += other.groups
+        self.P1 += other.P1
+        self.P2 += other.P2
+        self.S2 += other.S2
+        self.Q1 += other.Q1
+        self.Q2 += other.Q2
+
+    def _var_factor(self) -> float:
+        if self.groups < 2:
+            raise ValueError("need at least two holdout groups to estimate a standard error")
+        return self.groups / (self.groups - 1) / self.W1 ** 2
+
+    def means(self) -> Tensor:
+        """``(k,)`` holdout Rayleigh quotients ``v_j^T H_T v_j``."""
+        return (self.P1 * self.V).sum(1).double() / self.W1
+
+    def var_of_mean(self) -> Tensor:
+        """``(k,)`` estimated variance of :meth:`means` (with-replacement form, no correction)."""
+        qbar = self.means()
+        ss = self.Q2 - 2 * qbar * self.Q1 + qbar ** 2 * self.W2
+        return ss.clamp_min(0) * self._var_factor()
+
+    def residual_sq(self) -> tuple[Tensor, Tensor]:
+        """``(raw, noise)``, each ``(k,)``: ``||(I - v v^T) a||^2`` and its expected noise part.
+
+        ``a = H_T v`` estimates ``H_pop v`` (the holdout population's product) with
+        noise ``E||a - H_pop v||^2``, estimated from the groups' spread; the part of
+        that noise along ``v`` is the quadratic form's and is taken out.  So
+        ``raw - noise`` estimates ``||(I - v v^T) H_pop v||^2`` without bias (before
+        the finite-population correction, applied in :func:`holdout_estimate`).
+        """
+        a = self.P1 / self.W1
+        a_sq = a.double().pow(2).sum(1)
+        along = (a * self.V).sum(1).double()
+        cross = (a * self.P2).sum(1).double()
+        spread = (self.S2 - 2 * cross + a_sq * self.W2).clamp_min(0) * self._var_factor()
+        noise_perp = (spread - self.var_of_mean()).clamp_min(0)
+        return a_sq - along ** 2, noise_perp
+
+
+@dataclass(frozen=True)
+class HoldoutEstimate:
+    """Full-data Rayleigh quotient and residual of one vector from a subsample and a holdout.
+
+    ``value``: ``v^T H v`` estimate (unbiased); ``se`` its standard error;
+    ``std``: per-sample standard deviation of ``v^T H_d v`` (for sizing);
+    ``residual``: estimate of ``||(I - v v^T) H v||`` (see :func:`holdout_estimate`);
+    ``holdout``: holdout samples used.
+    """
+
+    value: float
+    se: float
+    std: float
+    residual: float
+    holdout: int
+
+
+def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
+                     residual_subsample: float, m: int, N: int) -> HoldoutEstimate:
+    """Combine subsample ``S`` (``m`` samples) and holdout ``T`` into full-data estimates.
+
+    ``v^T H v = (m theta_S + (N - m) mean_{rest} q) / N`` with the holdout mean for the
+    rest (sample splitting: ``T`` is independent of the choice of ``v``).  The
+    standard error has the finite-population correction ``1 - t / (N - m)``, so it
+    is zero when the holdout is everything outside ``S``.
+
+    Residual: ``(I - v v^T) H v = (m/N) r_S + ((N-m)/N) (I - v v^T) H_rest v``, where
+    ``r_S`` is the solver's residual on ``S`` (``v`` is a Ritz vector of ``H_S``); by the
+    triangle inequality ``||.|| <= (m/N) ||r_S|| + ((N-m)/N) ||(I - vv^T) H_rest v||``,
+    the last norm estimated without its noise (:meth:`HoldoutAccumulator.residual_sq`).
+    An estimate, not a bound: the Kato-Temple side that uses it is first-order honest.
+    """
+    t = int(round(acc.W1))
+    rest = N - m
+    if t > rest:
+        raise ValueError(f"holdout of {t} samples cannot be disjoint from a subsample of {m} of {N}")
+    fpc = max(0.0, 1 - t / rest) if rest > 0 else 0.0
+    mean = float(acc.means()[j])
+    var = float(acc.var_of_mean()[j])
+    raw, noise = acc.residual_sq()
+    perp_sq = max(0.0, float(raw[j]) - fpc * float(noise[j]))
+    return HoldoutEstimate(
+        value=(m * theta_subsample + rest * mean) / N,
+        se=rest / N * math.sqrt(var * fpc),
+        std=math.sqrt(var * t),
+        residual=m / N * residual_subsample + rest / N * math.sqrt(perp_sq),
+        holdout=t)
+
+
+def holdout_size_for(estimate: HoldoutEstimate, z: float, target: float, m: int, N: int) -> int:
+    """Holdout size at which ``z * se`` reaches ``target`` (at most ``N - m``)."""
+    rest = N - m
+    if target <= 0 or estimate.std == 0:
+        return rest if target <= 0 else estimate.holdout
+    # z (rest/N) std sqrt(1/t - 1/rest) <= target
+    inv = (target * N / (z * rest * estimate.std)) ** 2 + 1 / rest
+    return int(min(rest, math.ceil(1 / inv)))
+
+
+def kato_temple_interval(end: str, estimate: HoldoutEstimate, z: float, neighbour: float
+                         ) -> tuple[float, float]:
+    """Interval for an extreme eigenvalue from a Rayleigh quotient and its residual.
+
+    Kato-Temple: if ``rho = v^T H v`` and ``||H v - rho v|| = r``, and the next
+    eigenvalue satisfies ``lambda_2 <= a < rho`` (top end), then
+    ``rho <= lambda_max <= rho + r^2 / (rho - a)``.  Here ``rho`` is known to
+    ``z * se`` and ``a`` is ``neighbour``, an upper bound of ``lambda_2`` taken
+    from the subsample (its second Ritz value, its residual and its sampling
+    spread).  Mirrored for ``lambda_min`` (``neighbour`` a lower bound of the second
+    smallest).  The quadratic term is what makes this tight for an isolated
+    eigenvalue (``r^2 / gap``, second order in the vector's error); in a cluster
+    (``rho - a <= 0``) there is no bound and the interval is infinite on that side.
+    """
+    lo, hi = estimate.value - z * estimate.se, estimate.value + z * estimate.se
+    r2 = estimate.residual ** 2
+    if end == "max":
+        gap = lo - neighbour
+        return lo, (hi + r2 / gap) if gap > 0 else math.inf
+    if end == "min":
+        gap = neighbour - hi
+        return (lo - r2 / gap) if gap > 0 else -math.inf, hi
+    raise ValueError(f"end must be 'max' or 'min', got {end!r}")

@@ -11,7 +11,12 @@ checkpoints early and late in one run.  At each checkpoint, side by side:
 * (c) the user's method: power iteration with the batch growing 64 -> 1000 ->
   all data, lambda_min again by the shift;
 * (d) curvlab ``extremes`` multilevel, cold and warm (``init=`` the previous
-  checkpoint's result).
+  checkpoint's result), default tolerances (1 % / 5 %, 95 % intervals);
+* (e) the same for lambda_max alone (``which="LA"``);
+* (f) curvlab with the issue's budget as ``max_hvps``: 3 epochs cold, 1 warm
+  (it returns its best intervals, ``converged=False`` where short);
+* floors: the cost of certifying the true eigenvector's Rayleigh quotient to
+  the tolerance by sampling, from its measured per-sample variance.
 
 Cost in epochs: per-sample HVP evaluations times the FLOPs of one HVP per
 sample over the FLOPs of one gradient per sample, divided by N (one epoch = one
@@ -169,7 +174,7 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(1)
     checkpoints = [int(c) for c in args.checkpoints.split(",")]
-    rows, prev, done = [], None, 0
+    rows, floors, prev, done = [], [], None, 0
     for ep in checkpoints:
         train(model, X, Y, ep - done, args.lr, gen)
         done = ep
@@ -184,14 +189,15 @@ def main(argv=None):
 
         def row(name, vmax, vmin, epochs, seconds, imax=None, imin=None):
             r = dict(epoch=ep, method=name, lambda_max=vmax, lambda_min=vmin,
-                     err_max=abs(vmax - lmax) / abs(lmax), err_min=abs(vmin - lmin) / abs(lmin),
+                     err_max=abs(vmax - lmax) / abs(lmax),
+                     err_min=abs(vmin - lmin) / abs(lmin) if vmin == vmin else None,
                      cover_max=None if imax is None else imax[0] <= lmax <= imax[1],
                      cover_min=None if imin is None else imin[0] <= lmin <= imin[1],
                      epochs=epochs, seconds=seconds, seconds_in_epochs=seconds / grad_s,
                      ref_max=lmax, ref_min=lmin)
             rows.append(r)
             print(f"  {name:22s} lmax {vmax:10.5g} ({100 * r['err_max']:6.2f}%)  lmin {vmin:10.4g} "
-                  f"({100 * r['err_min']:7.2f}% of |lmin|)  cover {r['cover_max']}/{r['cover_min']}  "
+                  f"({100 * (r['err_min'] or 0):7.2f}% of |lmin|)  cover {r['cover_max']}/{r['cover_min']}  "
                   f"{epochs:7.2f} epochs  {seconds:6.1f} s")
 
         if not args.skip_baselines:
@@ -200,26 +206,49 @@ def main(argv=None):
                 t = time.perf_counter()
                 vmax, vmin = fn(model, X, Y, c)
                 row(name, vmax, vmin, epochs_of(c.samples), time.perf_counter() - t)
-        for name, kw in (("(b) full Lanczos", dict(sampling="exact")),
-                         ("(d) curvlab cold", dict(sampling="multilevel")),
-                         ("(d) curvlab warm", dict(sampling="multilevel", init=prev))):
-            if name.endswith("warm") and prev is None:
+        ratio = h_flops / g_flops  # epochs per full-data HVP
+        runs = [("(b) full Lanczos", dict(sampling="exact"), None),
+                ("(d) curvlab cold", dict(sampling="multilevel"), None),
+                ("(d) curvlab warm", dict(sampling="multilevel"), "warm"),
+                ("(e) curvlab lmax only, cold", dict(sampling="multilevel", which="LA"), None),
+                ("(e) curvlab lmax only, warm", dict(sampling="multilevel", which="LA"), "warm"),
+                ("(f) curvlab budget 3 epochs, cold", dict(sampling="multilevel", max_hvps=3 / ratio), None),
+                ("(f) curvlab budget 1 epoch, warm", dict(sampling="multilevel", max_hvps=1 / ratio), "warm")]
+        for name, kw, warm in runs:
+            if warm and prev is None:
                 continue
+            if warm:
+                kw = dict(kw, init=prev)
             t = time.perf_counter()
             r = curvlab.extremes(model, F.cross_entropy, (X, Y), batch_size=1000, **kw)
             sec = time.perf_counter() - t
-            curv = sum(len(lv["ends"]) * lv["sample_size"] for lv in r.levels)
-            row(name, r.lambda_max, r.lambda_min, epochs_of(r.cost.samples - curv, curv), sec,
-                r.interval_max, r.interval_min)
-            if name.endswith("cold") or name.endswith("warm"):
-                print("      levels:", [(lv["sample_size"], {e: d["accepted"] for e, d in lv["ends"].items()})
-                                        for lv in r.levels], "final sample", r.sample_size)
-            if name.endswith("warm") or (name.endswith("cold") and prev is None):
+            vmin = r.lambda_min if kw.get("which") != "LA" else float("nan")
+            row(name, r.lambda_max, vmin, epochs_of(r.cost.samples), sec,
+                r.interval_max, None if kw.get("which") == "LA" else r.interval_min)
+            rows[-1].update(converged_max=r.converged_max, converged_min=r.converged_min,
+                            halfwidth_max=(r.interval_max[1] - r.interval_max[0]) / 2 / abs(lmax),
+                            halfwidth_min=(r.interval_min[1] - r.interval_min[0]) / 2 / abs(lmin),
+                            sample_size=r.sample_size)
+            if name.startswith("(d)") or name.startswith("(f)"):
+                print("      levels:", [(lv["sample_size"], {e: (d["holdout"], d["accepted"]) for e, d in lv["ends"].items()})
+                                        for lv in r.levels], "final sample", r.sample_size,
+                      "converged", r.converged_max, r.converged_min)
+            if name == "(d) curvlab cold":
                 last = r
         prev = last
+        # floor: the cost of certifying the *true* eigenvector's Rayleigh quotient to the
+        # tolerance (z = 1.96) by sampling, given its per-sample variance: no search at all
+        H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=5000)
+        for end, vec, lam, tol in (("max", ref.vector_max, lmax, 1e-2), ("min", ref.vector_min, lmin, 5e-2)):
+            sd = float(H.per_sample_curvature(vec.float()).double().std())
+            n_star = 1 / ((tol * abs(lam) / (1.959964 * sd)) ** 2 + 1 / N)
+            floors.append(dict(epoch=ep, end=end, cv=sd / abs(lam), samples=n_star,
+                               epochs=n_star * ratio / N))
+            print(f"  floor {end}: per-sample CV {sd / abs(lam):.2f}; certifying u^T H u to {tol:.0%} "
+                  f"needs {n_star:.0f} samples = {n_star * ratio / N:.2f} epochs")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, N=N, n=n, flops=dict(grad=g_flops, hvp=h_flops, curv=q_flops),
+            json.dump(dict(rows=rows, floors=floors, N=N, n=n, flops=dict(grad=g_flops, hvp=h_flops, curv=q_flops),
                            grad_epoch_seconds=grad_s, torch=torch.__version__,
                            date=time.strftime("%Y-%m-%d")), f, indent=1)
     return rows
