@@ -42,9 +42,13 @@ timed *interleaved*: one warm-up call of every configuration (run under the
 FLOP counter, which is how the FLOPs are obtained; warm-up times are
 discarded), then ``rounds`` rounds each timing every configuration once, the
 order rotated by one position per round so that no configuration always runs
-first or last (slow drifts of the machine's load spread over all of them).  Ratios are formed *within* a round (HVP time
-over the gradient time of that same round) and their median over rounds is
-reported, next to the median times.  ``torch`` threads are left at their
+first or last (slow drifts of the machine's load spread over all of them).
+Ratios are formed *within* a round (HVP time over the gradient time of that
+same round) and their median over rounds is reported, with their range and
+next to the median times; also a best-time ratio (best HVP time over best
+gradient time: contention only ever slows a call down).  The two methods are
+compared head to head by the per-round ratio ``t(fwd-rev) / t(rev-rev)``
+(:func:`head_to_head`), which the gradient's noise does not enter.  ``torch`` threads are left at their
 default (printed) unless ``--threads`` is given; ``--threads 2,1`` times every
 configuration at each thread count, all interleaved in the same rounds, each
 thread count with its own reference gradient (on a shared machine, two
@@ -56,8 +60,8 @@ Cost: every configuration runs ``rounds + 1`` times.  Per round that is
 time for the defaults (``ks = 1, 4, 16``, both methods, HVP ~ 2-4 gradients per
 vector): minutes per round for ResNet-20 at batch 128 on two CPU cores.  Peak
 memory is set by ``fwd-rev`` at the largest ``k`` (the ``vmap`` carries ``k``
-tangent copies of every activation: about 10 GB for ResNet-20, batch 128,
-k = 16).
+tangent copies of every activation: a peak RSS of 8.5 GiB for ResNet-20, batch
+128, k = 16).  Figures and their reading: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ import curvlab
 from experiments.cifar import load_cifar10, normalize
 from experiments.models import MODELS, build_model
 
-__all__ = ["Config", "load_batch", "make_configs", "profile_config", "run_benchmark", "markdown_table", "verdict", "main"]
+__all__ = ["Config", "load_batch", "make_configs", "profile_config", "run_benchmark", "markdown_table", "head_to_head",
+           "verdict", "main"]
 
 METHODS = ("rev-rev", "fwd-rev")
 
@@ -103,13 +108,21 @@ class Config:
 
 
 def load_batch(batch: int, data: str | None = None, seed: int = 0):
-    """``(X, Y, source)``: ``batch`` normalised CIFAR-10 training images, or random ones."""
+    """``(X, Y, source)``: the first ``batch`` CIFAR-10 training images, normalised.
+
+    Without ``data`` the folder is looked up as in :func:`experiments.cifar.find_cifar10`;
+    when it is not found, random ``N(0, 1)`` images and labels are used instead, with a
+    printed note (timings hardly depend on pixel values).  An explicit ``data`` that
+    cannot be read raises.
+    """
     try:
         X, Y = load_cifar10(data, limit=batch)
         if len(X) < batch:
-            raise ValueError(f"only {len(X)} CIFAR-10 images, need {batch}")
+            raise ValueError(f"only {len(X)} CIFAR-10 training images, asked for a batch of {batch}")
         return normalize(X), Y, "CIFAR-10 (first training images)"
     except (FileNotFoundError, ValueError) as err:
+        if data is not None:
+            raise
         print(f"note: no CIFAR-10 batch ({err}); using random N(0, 1) images and labels")
         g = torch.Generator().manual_seed(seed)
         return torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g), "random"
@@ -333,8 +346,22 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def head_to_head(result: dict, label: str, threads: int) -> dict | None:
+    """Per-round time ratio ``t(fwd-rev) / t(rev-rev)`` for configuration ``label`` (e.g.
+    ``"block k=16"``): the direct side-by-side comparison of the two methods, free of the
+    reference gradient's noise.  ``None`` unless both methods were timed."""
+    rows = {r["method"]: r for r in result["rows"]
+            if r["threads"] == threads and r["name"].startswith(label + " ")}
+    if "rev-rev" not in rows or "fwd-rev" not in rows:
+        return None
+    q = [f / r for f, r in zip(rows["fwd-rev"]["times"], rows["rev-rev"]["times"])]
+    return {"median": _median(q), "min": min(q), "max": max(q),
+            "fwd_faster_rounds": sum(x < 1 for x in q), "rounds": len(q)}
+
+
 def verdict(result: dict) -> str:
-    """Per thread count: which method is faster per k, and issue 2's targets against the faster one."""
+    """Per thread count: which method is faster per k (head to head, same rounds), and issue 2's
+    targets against the faster method by ratio to a gradient."""
     meta = result["meta"]
     out = []
     labels = ["single HVP"] + [f"block k={k}" for k in meta["ks"]]
@@ -343,10 +370,14 @@ def verdict(result: dict) -> str:
         out.append(f"{t} threads:")
         for label in labels:
             pair = {m: rows[f"{label} {m}"] for m in meta["methods"]}
-            best = min(pair, key=lambda m: pair[m]["ratio"])
-            out.append(f"  {label}: faster {best} ("
-                       + ", ".join(f"{m} {r['ratio']:.2f}x" for m, r in pair.items())
-                       + " a gradient per vector)")
+            line = f"  {label}: " + ", ".join(f"{m} {r['ratio']:.2f}x" for m, r in pair.items()) \
+                + " a gradient per vector"
+            h = head_to_head(result, label, t)
+            if h is not None:
+                faster = "fwd-rev" if h["median"] < 1 else "rev-rev"
+                line += (f"; t(fwd-rev)/t(rev-rev) = {h['median']:.2f} [{h['min']:.2f}-{h['max']:.2f}], "
+                         f"fwd-rev faster in {h['fwd_faster_rounds']}/{h['rounds']} rounds: {faster} faster")
+            out.append(line)
         for label, target in (("single HVP", 3.5), ("block k=16", 2.0)):
             pair = [rows[f"{label} {m}"] for m in meta["methods"] if f"{label} {m}" in rows]
             if pair:

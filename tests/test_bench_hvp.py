@@ -123,3 +123,8 @@ def test_profile_names_a_configuration():
             bench_hvp.profile_config("block k=3 rev-rev", width=0.125, batch=2, ks=(1,))
     finally:
         torch.set_num_threads(before)
+
+
+def test_explicit_data_folder_that_is_missing_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+        bench_hvp.load_batch(2, data=str(tmp_path / "nowhere"))
