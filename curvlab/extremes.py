@@ -83,7 +83,8 @@ class ExtremesResult:
       its confidence half-width; the other side is the tighter of the
       subsample's own extreme Ritz value (biased outward) plus its sampling
       spread, and a Kato-Temple bound from the estimated full-data residual.
-      The estimate is the interval's centre. ``error_parts`` says how much of
+      The estimate is the interval's centre, or the holdout Rayleigh quotient
+      where no Kato-Temple bound exists (an end inside a cluster). ``error_parts`` says how much of
       the width is sampling, how much solver.
 
     Attributes:
@@ -97,6 +98,8 @@ class ExtremesResult:
         cost: :class:`CostRecord`.
         num_params, num_samples: ``n`` and ``N``.
         sample_size: samples the final solve used (``N`` when exact).
+        sample_sizes: per end, the subsample size of its last level (``N`` when
+            it was solved exactly); a warm start begins there.
         error_parts: per end, ``{"solver": residual norm, "sampling": z * standard error}``.
         levels: per subsample level, what was tried and found.
         history: the solver's per-step trace (for convergence plots).
@@ -117,6 +120,7 @@ class ExtremesResult:
     num_params: int
     num_samples: int
     sample_size: int
+    sample_sizes: dict = field(default_factory=dict, repr=False)
     error_parts: dict = field(default_factory=dict, repr=False)
     levels: List[dict] = field(default_factory=list, repr=False)
     history: List[dict] = field(default_factory=list, repr=False)
@@ -194,8 +198,10 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         max_basis: Krylov basis size before a thick restart (memory: twice
             this many vectors of length ``n``).
         init: a previous :class:`ExtremesResult` (same architecture): its
-            eigenvectors start the solver and, subsampled, its final sample
-            size is the first one tried (warm start across epochs).
+            eigenvectors start the solver and, subsampled, the smallest of its
+            ends' final sample sizes is the first one tried; when it needed
+            all data for a wanted end, this call goes to the exact stage at once
+            (one full-data Krylov space then serves both ends).
         sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
         sample_size: first subsample size (multilevel).
         confidence: level of the sampling intervals (multilevel).
@@ -259,11 +265,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         H = HessianOperator(None, loss_fn, data, batch_size=batch_size, method=method, fmodel=fmodel)
         N = H.num_samples
         v0 = _warm_start(init, fmodel.numel)
-        m0 = sample_size or (init.sample_size if init is not None and init.sample_size < init.num_samples
-                             else DEFAULT_SAMPLE)
+        m0, warm_exact = _warm_sizes(init, N, which, sample_size)
         regime = sampling
         if sampling == "auto":
             regime = "exact" if N <= 4 * m0 else "multilevel"
+        if regime == "multilevel" and warm_exact:
+            regime = "exact"  # the previous call needed all data: do not re-learn that
         bar = _progress_bar(progress, max_hvps)
         ctx = _Context(H=H, which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                        max_basis=max_basis, seed=seed, bar=bar, callback=callback,
@@ -273,9 +280,9 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                 _attach_approximation(ctx, curvature, approx_samples, approx_rank, init)
             if regime == "exact":
                 ends = _exact(ctx, H, v0)
-                levels, m_final = [], N
+                levels, m_final, sizes = [], N, {e: N for e in ends}
             else:
-                ends, levels, m_final = _multilevel(ctx, v0, m0)
+                ends, levels, m_final, sizes = _multilevel(ctx, v0, m0)
         finally:
             if bar is not None:
                 bar.close()
@@ -299,7 +306,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                    device=str(fmodel.device), warm_start=bool(v0))
     cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0)
     return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
-                          sample_size=m_final, error_parts=parts, levels=levels,
+                          sample_size=m_final, sample_sizes=sizes, error_parts=parts, levels=levels,
                           history=ctx.history, options=options)
 
 
@@ -485,13 +492,16 @@ def _multilevel(ctx: _Context, v0, m: int):
        remaining ends are solved exactly on all data.
 
     When the budget (``max_hvps``) runs out, the ends not done are returned
-    with their last intervals and ``converged = False``.
+    with their last intervals and ``converged = False``; a level is only
+    started when the budget left covers a few products on ``S`` and its first
+    holdout chunk (the first level is always run).
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
     todo = _ends_of(ctx.which)
     done: dict = {}
     last: dict = {}
+    sizes: dict = {}
     levels: List[dict] = []
     start, m_used = v0, m
     while todo:
@@ -499,8 +509,14 @@ def _multilevel(ctx: _Context, v0, m: int):
         if remaining <= 0:
             break
         if 2 * m > N:
+            if last and remaining < 2 * len(todo):
+                break  # too little left for the exact stage to improve on the last intervals
             done.update(_exact(ctx, H, start, todo))
-            return done, levels, N
+            sizes.update({e: N for e in todo})
+            return done, levels, N, sizes
+        smallest_level = (4 * m + 2 * len(todo) * min(N - m, max(m, 512))) / N
+        if last and remaining < smallest_level:
+            break  # a level that fits no longer would not improve on the last intervals
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
@@ -520,8 +536,13 @@ def _multilevel(ctx: _Context, v0, m: int):
                                       standard_error=est.se, holdout=est.holdout,
                                       residual_full=est.residual, interval=interval,
                                       kato_temple=kt, accepted=ok)
-            entry = dict(value=centre, interval=interval, vector=vec, converged=ok, solver=res,
+            # the estimate: the interval's centre when Kato-Temple bounds the outward side;
+            # in a cluster (no such bound) the outward side is the subsample's biased
+            # extreme, and the unbiased Rayleigh quotient is the better point
+            value = centre if math.isfinite(kt[1] if end == "max" else kt[0]) else est.value
+            entry = dict(value=value, interval=interval, vector=vec, converged=ok, solver=res,
                          sampling=ctx.z * est.se)
+            sizes[end] = m
             if ok:
                 done[end] = entry
             else:
@@ -543,7 +564,20 @@ def _multilevel(ctx: _Context, v0, m: int):
             done[end] = last[end]
         else:
             done.update(_exact(ctx, H, start, [end]))
-    return done, levels, m_used
+            sizes[end] = N
+    return done, levels, m_used, sizes
+
+
+def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> tuple[int, bool]:
+    """First subsample size, and whether a previous call says to go exact at once."""
+    if sample_size is not None:
+        return sample_size, False
+    if init is None or init.num_samples != N:
+        return DEFAULT_SAMPLE, False
+    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
+    if any(2 * s > N for s in sizes.values()):
+        return DEFAULT_SAMPLE, True
+    return max(2, min(sizes.values())), False
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
@@ -591,6 +625,8 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) 
     V = V / V.norm(dim=1, keepdim=True)
     t, acc = 0, None
     t_next = min(rest, max(m, 512))
+    affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
+    t_next = max(min(t_next, affordable), min(rest, 64))
     group = max(8, min(256, t_next // 32))
     while True:
         T = H.batches.subset(perm[m + t:m + t_next])

@@ -161,3 +161,42 @@ def test_operator_holdout_statistics_match_matvec():
     torch.testing.assert_close(acc.means(), q)
     with pytest.raises(ValueError, match="group_size"):
         H.holdout_statistics(V, group_size=0)
+
+
+def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge():
+    import curvlab
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    budget = 1.5  # full-data HVPs; unreachable tolerances force the budget stop
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                         tol=1e-9, tol_min=1e-9, max_hvps=budget, batch_size=500)
+    assert r.cost.hvps <= budget * (1 + 1e-9), r.cost.hvps
+    assert not r.converged_max and not r.converged_min
+    assert r.sample_size < r.num_samples and r.levels
+    for lo, hi in (r.interval_max, r.interval_min):
+        assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
+
+
+def test_warm_start_goes_exact_when_the_previous_call_needed_all_data():
+    import curvlab
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    kw = dict(sampling="multilevel", batch_size=500, tol_min=1e-3)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
+    assert set(r.sample_sizes) == {"max", "min"}
+    assert all(200 <= s <= 3000 for s in r.sample_sizes.values())
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **kw)
+    if max(r.sample_sizes.values()) * 2 > 3000:
+        assert r2.options["sampling"] == "exact" and not r2.levels
+    else:
+        assert r2.levels[0]["sample_size"] == min(r.sample_sizes.values())
+    # a hand-made previous result that needed all data for lambda_min
+    from dataclasses import replace
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=replace(r, sample_sizes={"max": 200, "min": 3000}), **kw)
+    assert r3.options["sampling"] == "exact" and r3.sample_sizes == {"max": 3000, "min": 3000}
+    r4 = curvlab.extremes(model, F.cross_entropy, (X, Y), which="LA", init=replace(r, sample_sizes={"max": 400, "min": 3000}), **kw)
+    assert r4.levels[0]["sample_size"] == 400
