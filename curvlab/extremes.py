@@ -199,9 +199,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             this many vectors of length ``n``).
         init: a previous :class:`ExtremesResult` (same architecture): its
             eigenvectors start the solver and, subsampled, the smallest of its
-            ends' final sample sizes is the first one tried; when it needed
-            all data for a wanted end, this call goes to the exact stage at once
-            (one full-data Krylov space then serves both ends).
+            ends' final sample sizes is the first one tried (when it needed all
+            data for a wanted end: its last subsample level).
         sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
         sample_size: first subsample size (multilevel).
         confidence: level of the sampling intervals (multilevel).
@@ -265,12 +264,10 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         H = HessianOperator(None, loss_fn, data, batch_size=batch_size, method=method, fmodel=fmodel)
         N = H.num_samples
         v0 = _warm_start(init, fmodel.numel)
-        m0, warm_exact = _warm_sizes(init, N, which, sample_size)
+        m0 = _warm_sizes(init, N, which, sample_size)
         regime = sampling
         if sampling == "auto":
             regime = "exact" if N <= 4 * m0 else "multilevel"
-        if regime == "multilevel" and warm_exact:
-            regime = "exact"  # the previous call needed all data: do not re-learn that
         bar = _progress_bar(progress, max_hvps)
         ctx = _Context(H=H, which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                        max_basis=max_basis, seed=seed, bar=bar, callback=callback,
@@ -527,7 +524,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         for end in todo:
             theta, vec, res, conv, nxt = found[end]
             est = ests[end]
-            interval, kt, linear = _level_interval(ctx, end, found[end], est, m)
+            interval, kt, _ = _level_interval(ctx, end, found[end], est, m)
             half = (interval[1] - interval[0]) / 2
             centre = (interval[0] + interval[1]) / 2
             target = _target(ctx, end, centre, found, done)
@@ -547,12 +544,7 @@ def _multilevel(ctx: _Context, v0, m: int):
                 done[end] = entry
             else:
                 last[end] = entry
-                # the part of the width a larger subsample shrinks: like 1/m when the
-                # Kato-Temple side (res^2 ~ 1/m) binds, like 1/sqrt(m) otherwise
-                part = max(half - ctx.z * est.se, 1e-300)
-                goal = max(target - ctx.z * est.se, 0.3 * target)
-                grow = part / goal if linear else (part / goal) ** 2
-                need = max(need, int(min(N, max(2 * m, math.ceil(m * grow)))))
+                need = max(need, _next_size(ctx, end, found[end], est, target, m))
         level["hvps_so_far"] = ctx.spent()
         levels.append(level)
         m_used = m
@@ -568,16 +560,73 @@ def _multilevel(ctx: _Context, v0, m: int):
     return done, levels, m_used, sizes
 
 
-def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> tuple[int, bool]:
-    """First subsample size, and whether a previous call says to go exact at once."""
+def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
+    """First subsample size of a warm-started call.
+
+    When the previous call certified every wanted end on subsamples, the
+    smallest of their sizes; when it needed the exact stage for one, its last
+    subsample level (whose vectors start the exact stage well; this call's
+    start vectors come from the previous one).  Default otherwise.
+    """
     if sample_size is not None:
-        return sample_size, False
+        return sample_size
     if init is None or init.num_samples != N:
-        return DEFAULT_SAMPLE, False
+        return DEFAULT_SAMPLE
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
-    if any(2 * s > N for s in sizes.values()):
-        return DEFAULT_SAMPLE, True
-    return max(2, min(sizes.values())), False
+    if all(2 * s <= N for s in sizes.values()):
+        return max(2, min(sizes.values()))
+    return init.levels[-1]["sample_size"] if init.levels else DEFAULT_SAMPLE
+
+
+def _excesses(ctx: _Context, end: str, pair: tuple, est, m: int) -> tuple[float, float]:
+    """Outward bounds beyond the Rayleigh quotient: ``(subsample bound, Kato-Temple)``.
+
+    For ``lambda_max`` the interval is ``(r - s, min(r + e_stat, r + s + e_kt))``
+    with ``s = z se``: ``e_stat = theta_S + res_S + spread - r`` does not depend on
+    the holdout, ``e_kt = res^2 / gap`` (``inf`` without a gap) comes on top of
+    ``s``.  Mirrored for ``lambda_min``.
+    """
+    theta, _, res, _, _ = pair
+    N = ctx.H.num_samples
+    se = ctx.z * est.se
+    stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
+    _, kt, _ = _level_interval(ctx, end, pair, est, m)
+    if end == "max":
+        return stat[1] - est.value, kt[1] - (est.value + se)
+    return est.value - stat[0], (est.value - se) - kt[0]
+
+
+def _sampling_room(e_stat: float, e_kt: float, target: float) -> float:
+    """Largest ``s = z se`` with a half-width within ``target`` (``<= 0``: none).
+
+    Half-width: ``(e_stat + s) / 2`` when the subsample bound binds, ``s + e_kt / 2``
+    when Kato-Temple does; the better of the two.
+    """
+    room = 2 * target - e_stat
+    if math.isfinite(e_kt):
+        room = max(room, target - e_kt / 2)
+    return room
+
+
+def _next_size(ctx: _Context, end: str, pair: tuple, est, target: float, m: int) -> int:
+    """Subsample size at which ``end``'s interval should meet ``target``.
+
+    The subsample bound's excess shrinks like ``1/sqrt(m)`` (its spread and the
+    subsample extreme's bias), the Kato-Temple term ``res^2 / gap`` like ``1/m``
+    (the full-data residual of a vector found on ``S`` is sampling noise of size
+    ``1/sqrt(m)``).  Each is asked to leave 40 % of ``target`` to the holdout's
+    sampling error; the smaller of the two predicted sizes is taken, at least
+    ``2m`` and at most ``4m``: levels are also the solver's warm starts (a
+    Lanczos run on ``4m`` samples started from the vectors of ``m`` needs far
+    fewer products than one from scratch, and so does the exact stage started
+    from a large subsample's vectors), so no level is skipped on a prediction.
+    """
+    N = ctx.H.num_samples
+    e_stat, e_kt = _excesses(ctx, end, pair, est, m)
+    want = m * (max(e_stat, 0.0) / (1.6 * target)) ** 2
+    if math.isfinite(e_kt):
+        want = min(want, m * max(e_kt, 0.0) / (1.2 * target))
+    return int(min(N, 4 * m, max(2 * m, math.ceil(want))))
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
@@ -611,19 +660,24 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) 
     """Grow a holdout after the subsample until each end's sampling error is small enough.
 
     Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
-    least 512); after each chunk every end's interval is formed
-    (:func:`_level_interval`); an end whose width is within tolerance, or whose
-    subsample-dependent part alone misses it (it needs a larger subsample, not
-    a larger holdout), asks for no more.  The others ask for the size that
-    leaves room for that part (:func:`curvlab.sampling.holdout_size_for`).  The
-    holdout at least doubles, goes straight to all remaining samples when that
-    is most of them, and stays within the budget.
+    least 512, within the budget); after each chunk every end's interval is
+    formed (:func:`_level_interval`).  An end whose width is within tolerance,
+    or whose subsample-dependent part alone misses it (it needs a larger
+    subsample, not a larger holdout), stops there; the others ask for the size
+    at which the sampling error fits in the room that part leaves
+    (:func:`_sampling_room`, :func:`curvlab.sampling.holdout_size_for`), and only
+    their vectors are multiplied on the next chunk.  The holdout at least
+    doubles, goes straight to all remaining samples when that is most of them,
+    and stays within the budget.
     """
     H, N = ctx.H, ctx.H.num_samples
     rest = N - m
-    V = torch.stack([found[e][1] for e in ends]).to(H.device, H.dtype)
-    V = V / V.norm(dim=1, keepdim=True)
-    t, acc = 0, None
+    vectors = {e: found[e][1].to(H.device, H.dtype) for e in ends}
+    vectors = {e: v / v.norm() for e, v in vectors.items()}
+    accs: dict = {}
+    ests: dict = {}
+    active = list(ends)
+    t = 0
     t_next = min(rest, max(m, 512))
     affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
     t_next = max(min(t_next, affordable), min(rest, 64))
@@ -632,30 +686,32 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) 
         T = H.batches.subset(perm[m + t:m + t_next])
         HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HT.cost)
-        part = HT.holdout_statistics(V, group_size=group)
-        if acc is None:
-            acc = part
-        else:
-            acc.merge(part)
+        part = HT.holdout_statistics(torch.stack([vectors[e] for e in active]), group_size=group)
+        for j, e in enumerate(active):
+            if e in accs:
+                accs[e].merge(part.row(j))
+            else:
+                accs[e] = part.row(j)
+            ests[e] = holdout_estimate(accs[e], 0, found[e][0], found[e][2], m, N)
         t = t_next
-        ests = {e: holdout_estimate(acc, j, found[e][0], found[e][2], m, N) for j, e in enumerate(ends)}
         if t >= rest:
             return ests
-        want = t
-        for e in ends:
+        wants = {}
+        for e in active:
             est = ests[e]
             interval, _, _ = _level_interval(ctx, e, found[e], est, m)
             half = (interval[1] - interval[0]) / 2
             target = _target(ctx, e, (interval[0] + interval[1]) / 2, found, {})
-            other = half - ctx.z * est.se
-            if half > target and other < 0.8 * target:
-                want = max(want, holdout_size_for(est, ctx.z, target - other, m, N))
-        if want <= t:
+            room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
+            if half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
+                wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
+        active = [e for e in active if wants.get(e, 0) > t]
+        if not active:
             return ests
-        t_new = min(rest, max(2 * t, int(1.1 * want)))
+        t_new = min(rest, max(2 * t, int(1.1 * max(wants[e] for e in active))))
         if t_new > 0.6 * rest:
             t_new = rest
-        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
+        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(active))
         t_new = min(t_new, affordable)
         if t_new <= t + 1:
             return ests

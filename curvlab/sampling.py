@@ -146,6 +146,14 @@ class HoldoutAccumulator:
         self.Q1 += w * w * q
         self.Q2 += w * w * q * q
 
+    def row(self, j: int) -> "HoldoutAccumulator":
+        """The statistics of vector ``j`` alone (a new accumulator with ``k = 1``)."""
+        out = HoldoutAccumulator(self.V[j:j + 1])
+        out.W1, out.W2, out.groups = self.W1, self.W2, self.groups
+        for name in ("P1", "P2", "S2", "Q1", "Q2"):
+            setattr(out, name, getattr(self, name)[j:j + 1].clone())
+        return out
+
     def merge(self, other: "HoldoutAccumulator") -> None:
         """Add the groups of ``other`` (same vectors)."""
         self.W1 += other.W1

@@ -179,8 +179,9 @@ def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge():
         assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
 
 
-def test_warm_start_goes_exact_when_the_previous_call_needed_all_data():
+def test_warm_start_begins_at_the_previous_calls_sizes():
     import curvlab
+    from dataclasses import replace
 
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
@@ -189,14 +190,25 @@ def test_warm_start_goes_exact_when_the_previous_call_needed_all_data():
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
     assert set(r.sample_sizes) == {"max", "min"}
     assert all(200 <= s <= 3000 for s in r.sample_sizes.values())
-    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **kw)
-    if max(r.sample_sizes.values()) * 2 > 3000:
-        assert r2.options["sampling"] == "exact" and not r2.levels
-    else:
-        assert r2.levels[0]["sample_size"] == min(r.sample_sizes.values())
-    # a hand-made previous result that needed all data for lambda_min
-    from dataclasses import replace
-    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=replace(r, sample_sizes={"max": 200, "min": 3000}), **kw)
-    assert r3.options["sampling"] == "exact" and r3.sample_sizes == {"max": 3000, "min": 3000}
-    r4 = curvlab.extremes(model, F.cross_entropy, (X, Y), which="LA", init=replace(r, sample_sizes={"max": 400, "min": 3000}), **kw)
-    assert r4.levels[0]["sample_size"] == 400
+    # every wanted end certified on subsamples: start at the smallest of their sizes
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), which="LA",
+                          init=replace(r, sample_sizes={"max": 400, "min": 3000}), **kw)
+    assert r2.levels[0]["sample_size"] == 400
+    # an end needed all data: start at the previous call's last subsample level
+    prev = replace(r, sample_sizes={"max": 400, "min": 3000},
+                   levels=[{"sample_size": 200, "ends": {}}, {"sample_size": 800, "ends": {}}])
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, **kw)
+    assert r3.levels[0]["sample_size"] == 800
+
+
+def test_accumulator_row_is_the_single_vector_accumulator():
+    A = _population(N=400)
+    V = torch.linalg.qr(torch.randn(8, 3, dtype=D))[0].T
+    idx = torch.arange(400)
+    acc = _groups(A, idx, V, 40)
+    one = _groups(A, idx, V[1:2], 40)
+    row = acc.row(1)
+    torch.testing.assert_close(row.means(), one.means())
+    torch.testing.assert_close(row.var_of_mean(), one.var_of_mean())
+    torch.testing.assert_close(row.residual_sq()[0], one.residual_sq()[0])
+    torch.testing.assert_close(row.residual_sq()[1], one.residual_sq()[1])
