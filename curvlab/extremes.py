@@ -194,7 +194,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             ``lambda_max`` cannot be resolved relatively.
         max_hvps: budget in full-data Hessian-vector product equivalents (one is
             about 2.4 training epochs of gradient work for an MLP, 2-3 in general:
-            a budget of one epoch is ``max_hvps`` of about 0.4).
+            a budget of one epoch is ``max_hvps`` of about 0.4).  Building a
+            curvature approximation is paid first and is not limited by it.
         max_basis: Krylov basis size before a thick restart (memory: twice
             this many vectors of length ``n``).
         init: a previous :class:`ExtremesResult` (same architecture): its
@@ -355,7 +356,7 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
                 tol_scale: float, budget_hvps: float, k: int = 1) -> dict:
     """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged, next)}``.
 
-    ``next`` is ``(theta_2, residual_2)``, the next Ritz pair inward at that end,
+    ``next`` is ``(theta_2, residual_2, converged_2)``, the next Ritz pair inward at that end,
     when ``k = 2`` pairs per end are asked for (``None`` for ``k = 1``).
 
     Without an approximation: one Lanczos run for both ends, started from the
@@ -396,14 +397,14 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
         X0 = start["min"][None] if "min" in start else None
         res = lobpcg(op.matvec, op.n, which="SA", k=k, X0=X0,
                      precond=lambda V: ctx.approx.inverse(V, delta), tol=tols[0],
-                     max_matvecs=max_matvecs - (share if "max" in ends else 0), **common)
+                     max_matvecs=max(2 * k, max_matvecs - (share if "max" in ends else 0)), **common)
         out["min"] = _pair(res, 0, 1 if k > 1 else None)
     return out
 
 
 def _pair(res, i: int, j: int | None) -> tuple:
     """``(theta, vector, residual, converged, next)`` of a solver result's pair ``i``."""
-    nxt = None if j is None else (float(res.values[j]), float(res.residual_norms[j]))
+    nxt = None if j is None else (float(res.values[j]), float(res.residual_norms[j]), bool(res.converged[j]))
     return (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]),
             bool(res.converged[i]), nxt)
 
@@ -518,7 +519,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
         found = _solve_ends(ctx, HS, todo, start, 0.5, 0.5 * remaining, k=2)
-        ests = _certify(ctx, perm, m, found, todo)
+        ests = _certify(ctx, perm, m, found, todo, done)
         level = {"sample_size": m, "ends": {}}
         need = m
         for end in todo:
@@ -527,8 +528,8 @@ def _multilevel(ctx: _Context, v0, m: int):
             interval, kt, _ = _level_interval(ctx, end, found[end], est, m)
             half = (interval[1] - interval[0]) / 2
             centre = (interval[0] + interval[1]) / 2
-            target = _target(ctx, end, centre, found, done)
-            ok = half <= target
+            target = _target(ctx, end, centre if math.isfinite(centre) else est.value, found, done)
+            ok = math.isfinite(half) and half <= target
             level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
                                       standard_error=est.se, holdout=est.holdout,
                                       residual_full=est.residual, interval=interval,
@@ -554,9 +555,9 @@ def _multilevel(ctx: _Context, v0, m: int):
     for end in todo:  # budget spent: the last intervals, not converged
         if end in last:
             done[end] = last[end]
-        else:
-            done.update(_exact(ctx, H, start, [end]))
-            sizes[end] = N
+        else:  # spent before any level (e.g. on a curvature approximation): nothing known
+            done[end] = dict(value=math.nan, interval=(-math.inf, math.inf), vector=start.get(end),
+                             converged=False, solver=math.inf, sampling=math.inf)
     return done, levels, m_used, sizes
 
 
@@ -641,13 +642,27 @@ def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
     The outward side is the tighter of the subsample bound
     (:func:`curvlab.sampling.extreme_interval`) and Kato-Temple
     (:func:`curvlab.sampling.kato_temple_interval`, with the next eigenvalue
-    taken as the subsample's next Ritz value moved outward by its residual).
+    taken as the subsample's next Ritz value moved outward by its residual: a
+    heuristic, as the subsample's second eigenvalue is not a bound on the full
+    data's).  Both need the subsample's extreme pair to have settled: met the
+    solver's tolerance, or have a residual under a tenth of the sampling spread
+    (a residual bounds the distance to *an* eigenvalue, the extreme one only
+    once the Krylov space has found it: a search stopped early by the budget
+    has not); Kato-Temple needs the next pair settled too.  Otherwise that side
+    is infinite.
     """
-    theta, _, res, _, nxt = pair
+    theta, _, res, conv, nxt = pair
     N = ctx.H.num_samples
+    inf = math.inf if end == "max" else -math.inf
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
-    if nxt is None:
-        neighbour = math.inf if end == "max" else -math.inf
+    # a pair that missed the solver's tolerance is still trusted when its residual is
+    # far below the sampling spread (the tolerance could not change the interval)
+    noise = 0.1 * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    settled = conv or res <= noise
+    if not settled:
+        stat = (stat[0], inf) if end == "max" else (inf, stat[1])
+    if nxt is None or not settled or not (nxt[2] or nxt[1] <= noise):
+        neighbour = inf
     else:
         neighbour = nxt[0] + nxt[1] if end == "max" else nxt[0] - nxt[1]
     kt = kato_temple_interval(end, est, ctx.z, neighbour)
@@ -656,7 +671,7 @@ def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
     return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
 
 
-def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) -> dict:
+def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], done: dict) -> dict:
     """Grow a holdout after the subsample until each end's sampling error is small enough.
 
     Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
@@ -681,7 +696,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) 
     t_next = min(rest, max(m, 512))
     affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
     t_next = max(min(t_next, affordable), min(rest, 64))
-    group = max(8, min(256, t_next // 32))
+    group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
     while True:
         T = H.batches.subset(perm[m + t:m + t_next])
         HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
@@ -701,7 +716,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str]) 
             est = ests[e]
             interval, _, _ = _level_interval(ctx, e, found[e], est, m)
             half = (interval[1] - interval[0]) / 2
-            target = _target(ctx, e, (interval[0] + interval[1]) / 2, found, {})
+            target = _target(ctx, e, est.value, found, done)
             room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
             if half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
                 wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)

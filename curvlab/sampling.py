@@ -180,7 +180,7 @@ class HoldoutAccumulator:
         ss = self.Q2 - 2 * qbar * self.Q1 + qbar ** 2 * self.W2
         return ss.clamp_min(0) * self._var_factor()
 
-    def residual_sq(self) -> tuple[Tensor, Tensor]:
+    def residual_sq(self, noise: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(raw, noise)``, each ``(k,)``: ``||(I - v v^T) a||^2`` and its expected noise part.
 
         ``a = H_T v`` estimates ``H_pop v`` (the holdout population's product) with
@@ -188,14 +188,19 @@ class HoldoutAccumulator:
         that noise along ``v`` is the quadratic form's and is taken out.  So
         ``raw - noise`` estimates ``||(I - v v^T) H_pop v||^2`` without bias (before
         the finite-population correction, applied in :func:`holdout_estimate`).
+        ``noise=False`` skips the noise part (``None``; it needs two groups).
         """
-        a = self.P1 / self.W1
-        a_sq = a.double().pow(2).sum(1)
-        along = (a * self.V).sum(1).double()
-        cross = (a * self.P2).sum(1).double()
+        a = self.P1.double() / self.W1
+        V = self.V.double()
+        perp = a - (a * V).sum(1, keepdim=True) * V  # in float64: no cancellation
+        raw = perp.pow(2).sum(1)
+        if not noise:
+            return raw, None
+        a_sq = a.pow(2).sum(1)
+        cross = (a * self.P2.double()).sum(1)
         spread = (self.S2 - 2 * cross + a_sq * self.W2).clamp_min(0) * self._var_factor()
         noise_perp = (spread - self.var_of_mean()).clamp_min(0)
-        return a_sq - along ** 2, noise_perp
+        return raw, noise_perp
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,8 @@ class HoldoutEstimate:
     ``value``: ``v^T H v`` estimate (unbiased); ``se`` its standard error;
     ``std``: per-sample standard deviation of ``v^T H_d v`` (for sizing);
     ``residual``: estimate of ``||(I - v v^T) H v||`` (see :func:`holdout_estimate`);
+    ``se`` and ``std`` are infinite when the holdout is a single group (no spread
+    can be estimated) unless it is everything outside ``S`` (then ``se = 0``);
     ``holdout``: holdout samples used.
     """
 
@@ -236,9 +243,14 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         raise ValueError(f"holdout of {t} samples cannot be disjoint from a subsample of {m} of {N}")
     fpc = max(0.0, 1 - t / rest) if rest > 0 else 0.0
     mean = float(acc.means()[j])
-    var = float(acc.var_of_mean()[j])
-    raw, noise = acc.residual_sq()
-    perp_sq = max(0.0, float(raw[j]) - fpc * float(noise[j]))
+    if fpc == 0.0:  # the holdout is everything outside S: exact, no spread needed
+        var, noise_j = 0.0, 0.0
+    elif acc.groups < 2:  # no spread can be estimated from one group
+        var, noise_j = math.inf, math.inf
+    else:
+        var, noise_j = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
+    raw = float(acc.residual_sq(noise=False)[0][j])
+    perp_sq = max(0.0, raw - fpc * noise_j) if math.isfinite(noise_j) else raw
     return HoldoutEstimate(
         value=(m * theta_subsample + rest * mean) / N,
         se=rest / N * math.sqrt(var * fpc),
@@ -264,9 +276,12 @@ def kato_temple_interval(end: str, estimate: HoldoutEstimate, z: float, neighbou
     Kato-Temple: if ``rho = v^T H v`` and ``||H v - rho v|| = r``, and the next
     eigenvalue satisfies ``lambda_2 <= a < rho`` (top end), then
     ``rho <= lambda_max <= rho + r^2 / (rho - a)``.  Here ``rho`` is known to
-    ``z * se`` and ``a`` is ``neighbour``, an upper bound of ``lambda_2`` taken
-    from the subsample (its second Ritz value, its residual and its sampling
-    spread).  Mirrored for ``lambda_min`` (``neighbour`` a lower bound of the second
+    ``z * se`` and ``a`` is ``neighbour``, meant to bound ``lambda_2`` from
+    above; the caller takes it from the subsample (its second Ritz value plus
+    its residual), a heuristic: a subsample's second eigenvalue is not a bound
+    on the full data's, and ``r`` is itself an estimate
+    (:func:`holdout_estimate`), so this side is first-order honest rather than
+    guaranteed (its coverage is measured in the tests).  Mirrored for ``lambda_min`` (``neighbour`` a lower bound of the second
     smallest).  The quadratic term is what makes this tight for an isolated
     eigenvalue (``r^2 / gap``, second order in the vector's error); in a cluster
     (``rho - a <= 0``) there is no bound and the interval is infinite on that side.
