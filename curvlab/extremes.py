@@ -490,9 +490,10 @@ def _multilevel(ctx: _Context, v0, m: int):
        remaining ends are solved exactly on all data.
 
     When the budget (``max_hvps``) runs out, the ends not done are returned
-    with their last intervals and ``converged = False``; a level is only
-    started when the budget left covers a few products on ``S`` and its first
-    holdout chunk (the first level is always run).
+    with their last intervals and ``converged = False``.  A level's subsample
+    is shrunk, if needed, so that a dozen products on it and a first holdout
+    chunk of its size fit the budget left; a level that would then be no
+    larger than twice the last one is not started.
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
@@ -512,9 +513,14 @@ def _multilevel(ctx: _Context, v0, m: int):
             done.update(_exact(ctx, H, start, todo))
             sizes.update({e: N for e in todo})
             return done, levels, N, sizes
-        smallest_level = (4 * m + 2 * len(todo) * min(N - m, max(m, 512))) / N
-        if last and remaining < smallest_level:
-            break  # a level that fits no longer would not improve on the last intervals
+        # a level should fit the budget left: a dozen products on S and a first holdout
+        # chunk of m per end; under a tight budget the subsample shrinks to fit (a warm
+        # start's vectors then get a few Krylov steps rather than none)
+        fit = int(remaining * N / (12 + 2 * len(todo)))
+        if fit < m:
+            if last and fit < 2 * m_used:
+                break  # a level that fits would not be larger than the last one
+            m = max(fit, min(64, N // 2))
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
