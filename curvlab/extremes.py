@@ -84,8 +84,9 @@ class ExtremesResult:
       subsample's own extreme Ritz value (biased outward) plus its sampling
       spread, and a Kato-Temple bound from the estimated full-data residual.
       The estimate is the interval's centre, or the holdout Rayleigh quotient
-      where no Kato-Temple bound exists (an end inside a cluster). ``error_parts`` says how much of
-      the width is sampling, how much solver.
+      when the outward side is open (a search stopped by the budget before it
+      settled). ``error_parts`` says how much of the width is sampling, how
+      much solver.
 
     Attributes:
         lambda_max, lambda_min: estimates (``nan`` for an end not asked for).
@@ -493,7 +494,9 @@ def _multilevel(ctx: _Context, v0, m: int):
     with their last intervals and ``converged = False``.  A level's subsample
     is shrunk, if needed, so that a dozen products on it and a first holdout
     chunk of its size fit the budget left; a level that would then be no
-    larger than twice the last one is not started.
+    larger than twice the last one is not started.  The last level the budget
+    allows spends all that is left on its holdout (a tighter inner side and
+    estimate of the vector it found).
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
@@ -521,11 +524,14 @@ def _multilevel(ctx: _Context, v0, m: int):
             if last and fit < 2 * m_used:
                 break  # a level that fits would not be larger than the last one
             m = max(fit, min(64, N // 2))
+        # the last level the budget allows (the next, at least 2m, would not fit even with
+        # all that is left now): its holdout may spend everything left
+        final = int(remaining * N / (12 + 2 * len(todo))) < 2 * m and 2 * m <= N
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
         found = _solve_ends(ctx, HS, todo, start, 0.5, 0.5 * remaining, k=2)
-        ests = _certify(ctx, perm, m, found, todo, done)
+        ests = _certify(ctx, perm, m, found, todo, done, spend_all=final)
         level = {"sample_size": m, "ends": {}}
         need = m
         for end in todo:
@@ -540,10 +546,11 @@ def _multilevel(ctx: _Context, v0, m: int):
                                       standard_error=est.se, holdout=est.holdout,
                                       residual_full=est.residual, interval=interval,
                                       kato_temple=kt, accepted=ok)
-            # the estimate: the interval's centre when Kato-Temple bounds the outward side;
-            # in a cluster (no such bound) the outward side is the subsample's biased
-            # extreme, and the unbiased Rayleigh quotient is the better point
-            value = centre if math.isfinite(kt[1] if end == "max" else kt[0]) else est.value
+            # the estimate: the interval's centre (the point whose worst error over the
+            # interval is least: the Rayleigh quotient of an unfinished vector errs inward,
+            # the subsample's extreme outward); the unbiased Rayleigh quotient when the
+            # outward side is open (the subsample's search did not settle)
+            value = centre if math.isfinite(centre) else est.value
             entry = dict(value=value, interval=interval, vector=vec, converged=ok, solver=res,
                          sampling=ctx.z * est.se)
             sizes[end] = m
@@ -677,7 +684,8 @@ def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
     return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
 
 
-def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], done: dict) -> dict:
+def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], done: dict,
+             spend_all: bool = False) -> dict:
     """Grow a holdout after the subsample until each end's sampling error is small enough.
 
     Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
@@ -689,7 +697,9 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     (:func:`_sampling_room`, :func:`curvlab.sampling.holdout_size_for`), and only
     their vectors are multiplied on the next chunk.  The holdout at least
     doubles, goes straight to all remaining samples when that is most of them,
-    and stays within the budget.
+    and stays within the budget.  With ``spend_all`` (the last level the budget
+    allows), every end not yet within tolerance grows its holdout as far as the
+    budget left goes: no later level will use it.
     """
     H, N = ctx.H, ctx.H.num_samples
     rest = N - m
@@ -724,7 +734,9 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
             half = (interval[1] - interval[0]) / 2
             target = _target(ctx, e, est.value, found, done)
             room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
-            if half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
+            if half > target and spend_all:
+                wants[e] = rest
+            elif half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
                 wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
         active = [e for e in active if wants.get(e, 0) > t]
         if not active:

@@ -233,13 +233,17 @@ def main(argv=None):
             row(name, r.lambda_max, vmin, epochs_of(r.cost.samples), sec,
                 r.interval_max, None if kw.get("which") == "LA" else r.interval_min)
             rows[-1].update(converged_max=r.converged_max, converged_min=r.converged_min,
+                            bounded_max=all(map(math.isfinite, r.interval_max)),
+                            bounded_min=all(map(math.isfinite, r.interval_min)),
                             halfwidth_max=(r.interval_max[1] - r.interval_max[0]) / 2 / abs(lmax),
                             halfwidth_min=(r.interval_min[1] - r.interval_min[0]) / 2 / abs(lmin),
                             sample_size=r.sample_size)
             if name.startswith("(d)") or name.startswith("(f)"):
                 print("      levels:", [(lv["sample_size"], {e: (d["holdout"], d["accepted"]) for e, d in lv["ends"].items()})
                                         for lv in r.levels], "final sample", r.sample_size,
-                      "converged", r.converged_max, r.converged_min)
+                      "converged", r.converged_max, r.converged_min,
+                      "interval max", tuple(round(x, 4) for x in r.interval_max),
+                      "min", tuple(round(x, 4) for x in r.interval_min))
         # floor: the cost of certifying the *true* eigenvector's Rayleigh quotient to the
         # tolerance (z = 1.96) by sampling, given its per-sample variance: no search at all
         H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=5000)

@@ -194,6 +194,25 @@ def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge():
         assert lo < hi and (math.isfinite(lo) or math.isfinite(hi))  # the inward side is always known
 
 
+def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
+    # budget 1.5 full-data HVPs on 3,000 samples: one level of 200 fits, a second (400)
+    # does not, so the first is the last and its holdout takes what the search left
+    # (before this rule, about half the budget came back unused and the holdout stayed
+    # at its first chunk); the estimate of lambda_max is then the more precise
+    import curvlab
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    budget = 1.5
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                         tol=1e-9, tol_min=1e-9, max_hvps=budget, batch_size=500)
+    assert 0.95 * budget <= r.cost.hvps <= budget * (1 + 1e-9), r.cost.hvps
+    assert len(r.levels) == 1
+    holdouts = [d["holdout"] for d in r.levels[0]["ends"].values()]
+    assert min(holdouts) > 2 * r.levels[0]["sample_size"], holdouts
+
+
 def test_warm_start_begins_at_the_previous_calls_sizes():
     import curvlab
     from dataclasses import replace
