@@ -83,9 +83,11 @@ class ExtremesResult:
       its confidence half-width; the other side is the tighter of the
       subsample's own extreme Ritz value (biased outward) plus its sampling
       spread, and a Kato-Temple bound from the estimated full-data residual.
-      The estimate is the interval's centre, or the holdout Rayleigh quotient
-      when the outward side is open (a search stopped by the budget before it
-      settled). ``error_parts`` says how much of the width is sampling, how
+      The estimate is the interval's centre (the point with the least
+      worst-case error, so the reported error is the half-width; for an end
+      that did not converge it moves with ``confidence``), or the holdout
+      Rayleigh quotient when the outward side is open (a search stopped by the
+      budget before it settled). ``error_parts`` says how much of the width is sampling, how
       much solver.
 
     Attributes:
@@ -495,8 +497,9 @@ def _multilevel(ctx: _Context, v0, m: int):
     is shrunk, if needed, so that a dozen products on it and a first holdout
     chunk of its size fit the budget left; a level that would then be no
     larger than twice the last one is not started.  The last level the budget
-    allows spends all that is left on its holdout (a tighter inner side and
-    estimate of the vector it found).
+    allows spends what is left on its holdout, up to all samples outside
+    its subsample (a tighter inner side and estimate of the vector it found),
+    unless an exact stage could still follow it.
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
@@ -524,9 +527,12 @@ def _multilevel(ctx: _Context, v0, m: int):
             if last and fit < 2 * m_used:
                 break  # a level that fits would not be larger than the last one
             m = max(fit, min(64, N // 2))
-        # the last level the budget allows (the next, at least 2m, would not fit even with
-        # all that is left now): its holdout may spend everything left
-        final = int(remaining * N / (12 + 2 * len(todo))) < 2 * m and 2 * m <= N
+        # the last level the budget allows: the next, at least 2m, would not fit even with
+        # all that is left now, and no exact stage can follow (the next size, at most 4m,
+        # stays within N/2, or too little is left for the exact stage to run): its holdout
+        # may spend everything left
+        final = int(remaining * N / (12 + 2 * len(todo))) < 2 * m and \
+            (8 * m <= N or remaining < 2 * len(todo))
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
@@ -547,9 +553,10 @@ def _multilevel(ctx: _Context, v0, m: int):
                                       residual_full=est.residual, interval=interval,
                                       kato_temple=kt, accepted=ok)
             # the estimate: the interval's centre (the point whose worst error over the
-            # interval is least: the Rayleigh quotient of an unfinished vector errs inward,
-            # the subsample's extreme outward); the unbiased Rayleigh quotient when the
-            # outward side is open (the subsample's search did not settle)
+            # interval is least, so the reported error is the half-width; the Rayleigh
+            # quotient of an unfinished vector errs inward, the subsample's extreme outward;
+            # for an end not yet within tolerance the centre moves with the confidence
+            # level); the unbiased Rayleigh quotient when the outward side is open
             value = centre if math.isfinite(centre) else est.value
             entry = dict(value=value, interval=interval, vector=vec, converged=ok, solver=res,
                          sampling=ctx.z * est.se)
@@ -698,8 +705,10 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     their vectors are multiplied on the next chunk.  The holdout at least
     doubles, goes straight to all remaining samples when that is most of them,
     and stays within the budget.  With ``spend_all`` (the last level the budget
-    allows), every end not yet within tolerance grows its holdout as far as the
-    budget left goes: no later level will use it.
+    allows), the ends not yet within tolerance grow their holdouts as far as the
+    budget left goes (no later level will use it): those with a two-sided
+    interval first, as only their width can still shrink; a one-sided end grows
+    only when no end is two-sided.
     """
     H, N = ctx.H, ctx.H.num_samples
     rest = N - m
@@ -727,7 +736,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         t = t_next
         if t >= rest:
             return ests
-        wants = {}
+        wants, two_sided = {}, set()
         for e in active:
             est = ests[e]
             interval, _, _ = _level_interval(ctx, e, found[e], est, m)
@@ -736,9 +745,13 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
             room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
             if half > target and spend_all:
                 wants[e] = rest
+                if math.isfinite(half):
+                    two_sided.add(e)
             elif half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
                 wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
         active = [e for e in active if wants.get(e, 0) > t]
+        if spend_all and two_sided:
+            active = [e for e in active if e in two_sided]
         if not active:
             return ests
         t_new = min(rest, max(2 * t, int(1.1 * max(wants[e] for e in active))))

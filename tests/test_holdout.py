@@ -197,8 +197,8 @@ def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge():
 def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
     # budget 1.5 full-data HVPs on 3,000 samples: one level of 200 fits, a second (400)
     # does not, so the first is the last and its holdout takes what the search left
-    # (before this rule, about half the budget came back unused and the holdout stayed
-    # at its first chunk); the estimate of lambda_max is then the more precise
+    # (before this rule, 28 % of the budget came back unused and the holdouts stayed at
+    # their first chunk of 512); what is left over is a few samples' worth
     import curvlab
 
     torch.manual_seed(0)
@@ -207,10 +207,50 @@ def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
     budget = 1.5
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=1e-9, tol_min=1e-9, max_hvps=budget, batch_size=500)
-    assert 0.95 * budget <= r.cost.hvps <= budget * (1 + 1e-9), r.cost.hvps
+    assert budget - 10 / 3000 <= r.cost.hvps <= budget * (1 + 1e-9), r.cost.hvps
     assert len(r.levels) == 1
     holdouts = [d["holdout"] for d in r.levels[0]["ends"].values()]
-    assert min(holdouts) > 2 * r.levels[0]["sample_size"], holdouts
+    assert max(holdouts) > 512, holdouts  # grew past the first chunk
+
+
+def test_the_last_holdout_goes_to_the_end_whose_interval_can_still_shrink():
+    # on the last level, an end with a two-sided interval gets what is left before an end
+    # whose outward side is open (growing the latter's holdout moves only its inner side);
+    # before this rule both got half (holdouts 1,150 each here, against 1,788 and 512)
+    import curvlab
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    seen = 0
+    for seed in range(3):
+        r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                             max_hvps=1.5, batch_size=500, seed=seed)
+        ends = r.levels[-1]["ends"]
+        bounded = {e: all(map(math.isfinite, d["interval"])) for e, d in ends.items()}
+        if bounded["max"] and not bounded["min"]:
+            seen += 1
+            assert ends["max"]["holdout"] > 2 * ends["min"]["holdout"], ends
+    assert seen >= 2, seen  # the case arises on this problem (3 of 3 seeds when written)
+
+
+def test_the_holdout_does_not_spend_what_an_exact_stage_needs():
+    # budget 10.17 on 3,000 samples, first level 1,000: a second subsample level (2,000)
+    # does not fit, but the next step is the exact stage (2m > N/2), which the budget
+    # still allows; the first level's holdout must leave it its products (a review
+    # found a version that spent them on the holdout: lambda_max 1.35 % off, not
+    # converged, lambda_min one-sided; here lambda_max converges and lambda_min, short
+    # of its tolerance when the budget ends, has a two-sided interval from the exact stage)
+    import curvlab
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=1000,
+                         max_hvps=2 * 1000 * 16 / 3000 - 0.5, batch_size=500)
+    assert r.sample_size == r.num_samples  # the exact stage ran
+    assert r.converged_max
+    assert all(map(math.isfinite, r.interval_min)), r.interval_min
 
 
 def test_warm_start_begins_at_the_previous_calls_sizes():
