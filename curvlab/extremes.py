@@ -87,8 +87,8 @@ class ExtremesResult:
       worst-case error, so the reported error is the half-width; for an end
       that did not converge it moves with ``confidence``), or the holdout
       Rayleigh quotient when the outward side is open (a search stopped by the
-      budget before it settled). ``error_parts`` says how much of the width is sampling, how
-      much solver.
+      budget before it settled). ``error_parts`` says how much of the width is
+      sampling, how much solver.
 
     Attributes:
         lambda_max, lambda_min: estimates (``nan`` for an end not asked for).
@@ -537,8 +537,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         # all that is left now, and no exact stage can follow (the next size, at most 4m,
         # stays within N/2, or too little is left for the exact stage to run): its holdout
         # may spend everything left
-        final = int(remaining * N / (12 + 2 * len(todo))) < 2 * m and \
-            (8 * m <= N or remaining < 2 * len(todo))
+        final = fit < 2 * m and (8 * m <= N or remaining < 2 * len(todo))
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
@@ -748,12 +747,15 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
             interval, _, _ = _level_interval(ctx, e, found[e], est, m)
             half = (interval[1] - interval[0]) / 2
             target = _target(ctx, e, est.value, found, done)
-            room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
-            if half > target and spend_all:
+            if half <= target:
+                continue
+            if spend_all:
                 wants[e] = rest
                 if math.isfinite(half):
                     two_sided.add(e)
-            elif half > target and room >= 0.2 * target:  # else S is too small: no holdout helps
+                continue
+            room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
+            if room >= 0.2 * target:  # else S is too small: no holdout helps
                 wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
         active = [e for e in active if wants.get(e, 0) > t]
         if spend_all and two_sided:

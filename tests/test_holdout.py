@@ -178,12 +178,17 @@ def test_operator_holdout_statistics_match_matvec():
         H.holdout_statistics(V, group_size=0)
 
 
+def _classifier_3000():
+    """A small float64 classifier and 3,000 random samples: multilevel runs in a second."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    return model, torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+
+
 def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge():
     import curvlab
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    model, X, Y = _classifier_3000()
     budget = 1.5  # full-data HVPs; unreachable tolerances force the budget stop
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=1e-9, tol_min=1e-9, max_hvps=budget, batch_size=500)
@@ -201,9 +206,7 @@ def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
     # their first chunk of 512); what is left over is a few samples' worth
     import curvlab
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    model, X, Y = _classifier_3000()
     budget = 1.5
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=1e-9, tol_min=1e-9, max_hvps=budget, batch_size=500)
@@ -219,9 +222,7 @@ def test_the_last_holdout_goes_to_the_end_whose_interval_can_still_shrink():
     # before this rule both got half (holdouts 1,150 each here, against 1,788 and 512)
     import curvlab
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    model, X, Y = _classifier_3000()
     seen = 0
     for seed in range(3):
         r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
@@ -243,9 +244,7 @@ def test_the_holdout_does_not_spend_what_an_exact_stage_needs():
     # of its tolerance when the budget ends, has a two-sided interval from the exact stage)
     import curvlab
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    X, Y = torch.randn(3000, 6, dtype=D), torch.randint(0, 4, (3000,))
+    model, X, Y = _classifier_3000()
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=1000,
                          max_hvps=2 * 1000 * 16 / 3000 - 0.5, batch_size=500)
     assert r.sample_size == r.num_samples  # the exact stage ran
