@@ -341,6 +341,7 @@ class _Context:
     approx: object = None  # a curvature approximation (curvlab.curvature), or None
     approx_vectors: Optional[Tensor] = None
     approx_shift: float = 0.0
+    overturned: set = field(default_factory=set)  # ends whose subsample order the holdout reversed
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
@@ -365,8 +366,8 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
                 tol_scale: float, budget_hvps: float, k: int = 2) -> dict:
     """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged, next)}``.
 
-    ``next`` is ``(theta_2, residual_2, converged_2)``, the next Ritz pair inward at that end
-    (the *guard*).  An end counts as converged only when its extreme pair **and** its guard
+    ``next`` is ``(theta_2, residual_2, converged_2, vector_2)``, the next Ritz pair inward at
+    that end (the *guard*).  An end counts as converged only when its extreme pair **and** its guard
     met the tolerance: a residual bound ``||H v - theta v||`` places *an* eigenvalue near
     ``theta``, and where the end is clustered a Ritz vector that mixes the two outermost
     eigenvectors passes a loose residual test long before it has found the extreme one.
@@ -458,15 +459,17 @@ def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
 def _pair(res, i: int, j: int) -> tuple:
     """``(theta, vector, residual, converged, next)`` of a solver result's pair ``i``.
 
-    ``next`` is the guard pair ``j`` (``None`` when the result holds a single pair, a
-    one-dimensional problem).  ``converged`` requires the guard's convergence too.
+    ``next`` is the guard pair ``j``, ``(theta, residual, converged, vector)`` (``None`` when
+    the result holds a single pair, a one-dimensional problem).  ``converged`` requires the
+    guard's convergence too.
     """
     m = res.values.numel()
     jj = j % m if m > 1 else None
     nxt = None
     conv = bool(res.converged[i])
     if jj is not None and jj != i % m:
-        nxt = (float(res.values[jj]), float(res.residual_norms[jj]), bool(res.converged[jj]))
+        nxt = (float(res.values[jj]), float(res.residual_norms[jj]), bool(res.converged[jj]),
+               res.vectors[jj])
         conv = conv and nxt[2]
     return (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, nxt)
 
@@ -652,7 +655,8 @@ def _multilevel(ctx: _Context, v0, m: int):
             level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
                                       standard_error=est.se, holdout=est.holdout,
                                       residual_full=est.residual, interval=interval,
-                                      kato_temple=kt, accepted=ok)
+                                      kato_temple=kt, accepted=ok,
+                                      overturned=end in ctx.overturned)
             # the estimate: the interval's centre (the point whose worst error over the
             # interval is least, so the reported error is the half-width; the Rayleigh
             # quotient of an unfinished vector errs inward, the subsample's extreme outward;
@@ -779,7 +783,7 @@ def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
     # a pair that missed the solver's tolerance is still trusted when its residual is
     # far below the sampling spread (the tolerance could not change the interval)
     noise = 0.1 * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
-    settled = conv or res <= noise
+    settled = (conv or res <= noise) and end not in ctx.overturned
     if not settled:
         stat = (stat[0], inf) if end == "max" else (inf, stat[1])
     if nxt is None or not settled or not (nxt[2] or nxt[1] <= noise):
@@ -823,17 +827,29 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
     t_next = max(min(t_next, affordable), min(rest, 64))
     group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
+    # the first chunk also multiplies each end's guard vector: the holdout checks the
+    # subsample's order (an extreme eigenvector that is weakly represented in S can be
+    # S's guard rather than its extreme)
+    guards = {e: found[e][4][3].to(H.device, H.dtype) for e in ends
+              if found[e][4] is not None and len(found[e][4]) > 3}
+    ctx.overturned.clear()
     while True:
         T = H.batches.subset(perm[m + t:m + t_next])
         HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HT.cost)
-        part = HT.holdout_statistics(torch.stack([vectors[e] for e in active]), group_size=group)
+        rows = [vectors[e] for e in active] + ([g / g.norm() for g in guards.values()] if t == 0 else [])
+        part = HT.holdout_statistics(torch.stack(rows), group_size=group)
         for j, e in enumerate(active):
             if e in accs:
                 accs[e].merge(part.row(j))
             else:
                 accs[e] = part.row(j)
             ests[e] = holdout_estimate(accs[e], 0, found[e][0], found[e][2], m, N)
+        if t == 0:
+            for j, e in enumerate(guards, start=len(active)):
+                g = holdout_estimate(part.row(j), 0, found[e][4][0], found[e][4][1], m, N)
+                if _overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
+                    ctx.overturned.add(e)
         t = t_next
         if t >= rest:
             return ests
@@ -866,6 +882,18 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         if t_new <= t + 1:
             return ests
         t_next = t_new
+
+
+def _overturns(end: str, extreme, guard, z: float) -> bool:
+    """Whether the holdout puts the subsample's guard vector beyond its extreme one.
+
+    For ``lambda_min``: the guard's unbiased Rayleigh quotient is below the extreme's by
+    more than ``z`` standard errors of the difference.  Then ``lambda_min`` is below the
+    guard's quotient (Courant-Fischer) and the subsample's extreme pair is not the full
+    data's: the outward bounds built on it (subsample extreme, Kato-Temple) do not hold.
+    """
+    gap = extreme.value - guard.value if end == "min" else guard.value - extreme.value
+    return gap > z * math.hypot(extreme.se, guard.se)
 
 
 def _warm_start(init: ExtremesResult | None, n: int) -> dict:

@@ -124,3 +124,46 @@ def test_float32_intervals_carry_the_rounding_of_the_products():
                 lo, hi = getattr(r, f"interval_{end}")
                 assert hi - lo <= 3e-4 * abs(t)
     assert not wrong
+
+
+def _weak_in_subsample_problem(N=4000, m=500, seed=0):
+    """Bottom ``-1.2`` (``u1``) carried by half the samples, ``-0.9`` (``u2``) by all.
+
+    The carriers of ``u1`` are placed so that the first subsample of
+    ``extremes(..., sampling="multilevel", sample_size=m, seed=seed)`` (the first ``m``
+    of ``randperm(N)`` seeded with ``seed + 1``, as ``_multilevel`` draws it) holds 30 %
+    carriers instead of 50 %: there ``u1``'s eigenvalue is ``-0.72``, above ``u2``'s, so
+    the subsample's extreme is ``u2`` and ``u1`` is its guard.
+    """
+    n = 20
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    base = torch.cat([torch.tensor([0.0, -0.9, 5.0]), torch.linspace(-0.5, 0.5, n - 3)])
+    H0 = (Q * base) @ Q.T
+    u1 = Q[:, 0]
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1))
+    carriers = torch.zeros(N, dtype=torch.bool)
+    carriers[perm[:int(0.3 * m)]] = True                       # 30 % of the subsample
+    rest = perm[m:]  # the others at random outside it (the holdout and later levels are random draws)
+    carriers[rest[torch.randperm(len(rest), generator=g)[:N // 2 - int(0.3 * m)]]] = True
+    alpha = torch.where(carriers, -1.2 * N / int(carriers.sum()), 0.0).double()
+    noise = 0.05 * torch.randn(N, n, n, generator=g, dtype=torch.float64)
+    noise = noise + noise.transpose(1, 2)
+    noise = noise - noise.mean(0)
+    S = H0 + noise + alpha[:, None, None] * torch.outer(u1, u1)
+    from conftest import Quadratic
+    return Quadratic(n, seed=1), (S, torch.zeros(N, dtype=torch.float64)), S.mean(0)
+
+
+def test_a_bottom_eigenvector_weakly_represented_in_the_subsample():
+    # the subsample's extreme pair is u2 (-0.9); the holdout puts its guard u1 at -1.2:
+    # without the holdout's check of the guard, -0.9 was certified with a tight
+    # Kato-Temple interval and converged_min=True
+    model, data, H = _weak_in_subsample_problem()
+    w = torch.linalg.eigvalsh(H)
+    r = curvlab.extremes(model, mean_loss, data, sampling="multilevel", sample_size=500, batch_size=250,
+                         which="SA", seed=0)
+    first = r.levels[0]["ends"]["min"]
+    assert first["overturned"] and not first["accepted"]   # the trap was set and seen
+    assert _holds(r, "min", float(w[0]), _dense_error(w))
+    assert not r.converged_min or abs(r.lambda_min - float(w[0])) <= 0.05 * abs(float(w[0]))
