@@ -621,7 +621,8 @@ def _multilevel(ctx: _Context, v0, m: int):
         if 2 * m > N:
             if last and remaining < 2 * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals
-            done.update(_exact(ctx, H, start, todo))
+            for end, entry in _exact(ctx, H, start, todo).items():
+                done[end] = _keep_level_bounds(end, entry, last.get(end))
             sizes.update({e: N for e in todo})
             return done, levels, N, sizes
         # a level should fit the budget left: a dozen products on S and a first holdout
@@ -684,6 +685,24 @@ def _multilevel(ctx: _Context, v0, m: int):
             done[end] = dict(value=math.nan, interval=(-math.inf, math.inf), vector=start.get(end),
                              converged=False, solver=math.inf, sampling=math.inf)
     return done, levels, m_used, sizes
+
+
+def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
+    """An exact-stage end that did not converge, combined with the last level's interval.
+
+    The exact stage's Ritz value is a rigorous inward bound but, unconverged, it has no
+    outward side; the last subsample level's interval has a (statistical) outward side.
+    Both hold, so the result is their intersection; the estimate stays the exact Ritz
+    value (on the full data it errs by about ``residual^2 / gap``, far less than the
+    interval's width).  A converged exact end is returned as it is.
+    """
+    if exact["converged"] or level is None:
+        return exact
+    (lo_e, hi_e), (lo_l, hi_l) = exact["interval"], level["interval"]
+    lo, hi = max(lo_e, lo_l), min(hi_e, hi_l)
+    if lo > hi:  # the level's statistical bound is contradicted by the exact Ritz value
+        lo, hi = (lo_e, hi_e)
+    return dict(exact, interval=(lo, hi), sampling=level["sampling"])
 
 
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:

@@ -219,7 +219,8 @@ def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
 def test_the_last_holdout_goes_to_the_end_whose_interval_can_still_shrink():
     # on the last level, an end with a two-sided interval gets what is left before an end
     # whose outward side is open (growing the latter's holdout moves only its inner side);
-    # before this rule both got half (holdouts 1,150 each here, against 1,788 and 512)
+    # before this rule both got half (holdouts 1,150 each here, against 1,788 and 512;
+    # 764 and 512 since the first chunk also multiplies the guard vectors)
     import curvlab
 
     model, X, Y = _classifier_3000()
@@ -231,19 +232,24 @@ def test_the_last_holdout_goes_to_the_end_whose_interval_can_still_shrink():
         bounded = {e: all(map(math.isfinite, d["interval"])) for e, d in ends.items()}
         if bounded["max"] and not bounded["min"]:
             seen += 1
-            assert ends["max"]["holdout"] > 2 * ends["min"]["holdout"], ends
+            # all that was left after the first chunk (which also checks each end's guard
+            # vector) went to lambda_max: lambda_min's holdout stayed at the first chunk
+            assert ends["min"]["holdout"] == 512, ends
+            assert ends["max"]["holdout"] > 1.4 * ends["min"]["holdout"], ends
     assert seen >= 2, seen  # the case arises on this problem (3 of 3 seeds when written)
 
 
 def test_the_holdout_does_not_spend_what_an_exact_stage_needs():
-    # budget 10.17 on 3,000 samples, first level 1,000: a second subsample level (2,000)
+    # budget 10.87 on 3,000 samples, first level 1,000: a second subsample level (2,000)
     # does not fit, but the next step is the exact stage (2m > N/2), which the budget
     # still allows; the first level's holdout must leave it its products (a review
     # found a version that spent them on the holdout: lambda_max 1.35 % off, not
-    # converged, lambda_min one-sided).  Here the exact stage runs and brings lambda_max
-    # within its 1 % tolerance of the dense truth; neither end's guard pair converges in
-    # that budget (the bottom is a cluster: -0.0863, -0.0831), so both ends keep only
-    # their inward side, which holds the truth
+    # converged, lambda_min one-sided; the budget was 10.17 before the first holdout
+    # chunk also checked the guard vectors, 0.67 more).  Here the exact stage runs and
+    # brings lambda_max
+    # within its 1 % tolerance of the dense truth; an end whose guard pair does not
+    # converge in that budget (the bottom is a cluster: -0.0863, -0.0831) keeps the exact
+    # stage's inward bound and the last level's outward one, which hold the truth
     import curvlab
     from conftest import dense_hessian
 
@@ -251,14 +257,20 @@ def test_the_holdout_does_not_spend_what_an_exact_stage_needs():
     ev = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, X, Y))
     lmin, lmax = float(ev[0]), float(ev[-1])
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=1000,
-                         max_hvps=2 * 1000 * 16 / 3000 - 0.5, batch_size=500)
+                         max_hvps=2 * 1000 * 16 / 3000 + 0.2, batch_size=500)
     assert r.sample_size == r.num_samples  # the exact stage ran
-    assert r.cost.hvps <= 2 * 1000 * 16 / 3000 - 0.5
+    assert r.cost.hvps <= 2 * 1000 * 16 / 3000 + 0.2
     assert abs(r.lambda_max - lmax) <= 1e-2 * lmax
     assert r.interval_max[0] <= lmax <= r.interval_max[1]
     assert r.interval_min[0] <= lmin <= r.interval_min[1]
-    assert r.converged_max or r.interval_max[1] == math.inf
-    assert r.converged_min or r.interval_min[0] == -math.inf
+    # an end the exact stage left unconverged keeps the last level's bounds where they
+    # are tighter: its interval lies inside the level's (and lambda_max's is two-sided)
+    for end in ("max", "min"):
+        if not getattr(r, f"converged_{end}"):
+            lo, hi = getattr(r, f"interval_{end}")
+            level_lo, level_hi = r.levels[-1]["ends"][end]["interval"]
+            assert level_lo <= lo <= hi <= level_hi
+    assert r.converged_max or all(map(math.isfinite, r.interval_max))
 
 
 def test_warm_start_begins_at_the_previous_calls_sizes():
@@ -310,7 +322,7 @@ def test_budget_stopped_searches_give_no_false_certainty():
     # tiny budgets stop the subsample search early: its Ritz value then need not be the
     # subsample's extreme, so the outward side must be open (infinite), not a false bound.
     # Over 12 budget-limited runs: cost within the budget (plus at most one holdout chunk
-    # of 64 samples per end and 2 subsample products), no end claimed converged with an
+    # of 64 samples per vector, each end's and its guard's, and 2 subsample products), no end claimed converged with an
     # interval that misses the dense truth, and the finite-or-not intervals cover it in
     # at least 10 of 12 (95 % intervals; before the fix 6 of 16 missed).
     import curvlab
@@ -321,7 +333,7 @@ def test_budget_stopped_searches_give_no_false_certainty():
         for seed in range(4):
             r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,
                                  max_hvps=budget, seed=seed, tol=0.1, tol_min=0.5)
-            assert r.cost.hvps <= budget + (2 * m + 2 * 64) / N + 1e-9, (budget, seed, r.cost.hvps)
+            assert r.cost.hvps <= budget + (2 * m + 4 * 64) / N + 1e-9, (budget, seed, r.cost.hvps)
             inside = r.interval_max[0] <= lmax <= r.interval_max[1]
             assert inside or not r.converged_max, (budget, seed, r.interval_max)
             covered += inside
