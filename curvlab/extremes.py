@@ -74,8 +74,15 @@ class ExtremesResult:
     * **exact** (all data, ``sample_size == num_samples``): Ritz values err
       inward (Courant-Fischer) and an eigenvalue lies within the residual norm
       ``||H v - theta v||`` of each, so ``interval_max = (theta, theta + res)``
-      and ``interval_min = (theta - res, theta)``; the estimate is the Ritz
-      value ``theta`` (its error is usually far below ``res``: ``res^2 / gap``).
+      and ``interval_min = (theta - res, theta)``, each widened on both sides by
+      the rounding of the working precision (measured against float64 products
+      on a few samples); the estimate is the Ritz value ``theta`` (its error is
+      usually far below ``res``: ``res^2 / gap``).  A residual bound holds for
+      *an* eigenvalue near ``theta``; it is taken for the extreme one only once
+      the next Ritz pair at that end (the guard) has converged too, from a start
+      with a random component.  An end that did not converge keeps only its
+      inward side (the outward side is infinite), or, after subsample levels,
+      the last level's outward bound.
     * **subsampled** (a fixed random subset ``S`` of ``sample_size`` samples):
       the vector found on ``S`` is evaluated on an independent holdout (sample
       splitting); the resulting unbiased Rayleigh quotient of the full-data
@@ -88,7 +95,12 @@ class ExtremesResult:
       that did not converge it moves with ``confidence``), or the holdout
       Rayleigh quotient when the outward side is open (a search stopped by the
       budget before it settled). ``error_parts`` says how much of the width is
-      sampling, how much solver.
+      sampling, how much solver.  The holdout also takes the Rayleigh quotient
+      of the subsample's guard vector; when that lies beyond the extreme one's
+      (the extreme eigenvector was weakly represented in ``S``), the outward
+      side opens and ``S`` grows.  The outward side assumes that ``S``
+      represents the extreme eigenvector at all: one carried only by samples
+      outside ``S`` is invisible to it.
 
     Attributes:
         lambda_max, lambda_min: estimates (``nan`` for an end not asked for).
@@ -154,7 +166,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     Computes the extremes of the spectrum of ``H = (1/N) sum_d hess_x loss(x, d)``
     at the model's current parameters ``x`` (the trainable ones) by Lanczos
     with full reorthogonalisation and thick restarts on exact Hessian-vector
-    products (:mod:`curvlab.lanczos`, :mod:`curvlab.hvp`).  The Hessian is
+    products (:mod:`curvlab.lanczos`, :mod:`curvlab.hvp`).  An end counts as
+    converged only when the next Ritz pair inward has met the tolerance too
+    (so that a Ritz vector mixing a cluster's members is not taken for the
+    extreme), and every start (warm, or from a curvature approximation) carries
+    a random component (so that a start on an interior eigenvector cannot hide
+    the extreme one).  The Hessian is
     defined with the model in **eval mode** (BatchNorm uses running
     statistics, dropout is off); the model is put in eval mode for the call and
     every submodule's mode is restored afterwards, also on error.  The model's
