@@ -399,8 +399,9 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     eigenvalue.  With no start vector, one random vector starts the run.
 
     Without an approximation: one Lanczos run for both ends.  With one
-    (``ctx.approx``): ``lambda_max`` by Lanczos started from the approximation's top
-    eigenvectors (plus the warm-start vector and the random row), ``lambda_min`` by LOBPCG
+    (``ctx.approx``): ``lambda_max`` by Lanczos started from the sum of the
+    approximation's top eigenvectors (and the warm-start vector) plus the random
+    component, ``lambda_min`` by LOBPCG
     preconditioned with ``(C + delta I)^{-1}`` (see :func:`_precond_shift`), whose vectors
     then start a Lanczos run with a random row that gives the answer: a preconditioned
     LOBPCG can settle on an interior eigenpair of the Hessian (the preconditioner's basin),
@@ -431,11 +432,8 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
 
     share = max_matvecs // len(ends)
     if "max" in ends:
-        rows = ([start["max"]] if "max" in start else []) + [ctx.approx_vectors.to(op.device, op.dtype)]
-        rows.append(_random_row(op, ctx.seed))
-        res = lanczos(op.matvec, op.n, which="LA", k=k, v0=torch.cat([r.reshape(-1, op.n) for r in rows]),
-                      block_size=1, tol=tols, max_matvecs=share, max_basis=ctx.max_basis, **common)
-        out["max"] = _pair(res, *pairs["max"])
+        rows = ([start["max"]] if "max" in start else []) + list(ctx.approx_vectors.to(op.device, op.dtype))
+        out["max"] = _pair(run("LA", rows, share), *pairs["max"])
     if "min" in ends:
         delta = ctx.approx_shift
         X0 = start["min"][None] if "min" in start else None
