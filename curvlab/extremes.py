@@ -570,18 +570,32 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
     """
     if H.dtype == torch.float64 or not vectors:
         return {e: 0.0 for e in vectors}
-    x, y = next(iter(H.parallel.local))
-    if isinstance(x, Tensor) and isinstance(y, Tensor):
-        x, y = x[:probe], y[:probe]
+    if ctx.spent() + 3 * len(vectors) * probe / H.num_samples > ctx.max_hvps:
+        return {e: H.n ** 0.5 * _unit_roundoff(H.dtype) * scale for e in vectors}
     V = torch.stack([v.reshape(-1) for v in vectors.values()]).to(H.device, H.dtype)
     V = V / V.norm(dim=1, keepdim=True)
-    work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel, distributed=False)
-    if ctx.spent() + 3 * len(V) * work.num_samples / H.num_samples > ctx.max_hvps:
-        return {e: H.n ** 0.5 * _unit_roundoff(H.dtype) * scale for e in vectors}
-    ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method, dtype=torch.float64,
-                          device=H.device, distributed=False)
-    ctx.costs.extend([work.cost, ref.cost, ref.cost])  # float64 products count double
-    diff = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+    # per vector the difference, then the ranks that measured and their samples: summed over
+    # ranks (each probes its own first batch), so that every rank gets the same slack and cost
+    out = torch.zeros(len(V) + 2, dtype=torch.float64, device=H.device)
+
+    def measure():
+        batch = next(iter(H.parallel.local), None)
+        if batch is None:
+            return
+        x, y = batch
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            x, y = x[:probe], y[:probe]
+        work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
+                               distributed=False)
+        ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
+                              dtype=torch.float64, device=H.device, distributed=False)
+        out[:-2] = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+        out[-2:] = torch.tensor([1.0, work.num_samples], dtype=torch.float64)
+
+    H.parallel.sum_(measure, out)
+    cost = Cost(samples=3 * len(V) * int(out[-1]), passes=2)  # float64 products count double
+    ctx.costs.append(cost)
+    diff = out[:-2] / out[-2].clamp_min(1.0)
     return {e: 3.0 * float(d) for e, d in zip(vectors, diff)}
 
 
@@ -857,15 +871,15 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     ests: dict = {}
     active = list(ends)
     t = 0
-    t_next = min(rest, max(m, 512))
-    affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(ends))
-    t_next = max(min(t_next, affordable), min(rest, 64))
-    group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
     # the first chunk also multiplies each end's guard vector: the holdout checks the
     # subsample's order (an extreme eigenvector that is weakly represented in S can be
     # S's guard rather than its extreme)
     guards = {e: found[e][4][3].to(H.device, H.dtype) for e in ends
               if found[e][4] is not None and len(found[e][4]) > 3}
+    t_next = min(rest, max(m, 512))
+    affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / (len(ends) + len(guards)))
+    t_next = max(min(t_next, affordable), min(rest, 64))
+    group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
     ctx.overturned.clear()
     while True:
         T = H.batches.subset(perm[m + t:m + t_next])
