@@ -112,13 +112,70 @@ def test_warm_start_reuses_vectors_at_little_extra_cost():
     assert math.isclose(warm.lambda_max, fresh.lambda_max, rel_tol=1e-5)
 
 
-def test_cost_record_is_filled():
-    model = tiny_mlp()
-    X, Y = classification_data(30, (5,))
-    r = curvlab.extremes(model, F.cross_entropy, (X, Y), batch_size=7)
-    assert r.cost.hvps >= 1 and r.cost.samples == r.cost.hvps * 30
-    assert r.cost.passes >= 1 and r.cost.seconds > 0
-    assert r.history and "lambda_max" in r.history[-1]
+def spy_products(monkeypatch):
+    """Record each product made through a ``HessianOperator`` (``matvec`` and
+    ``holdout_statistics``) as ``(vectors, samples of that operator)``, observed at the
+    call, independently of the operator's own ``Cost`` bookkeeping."""
+    from curvlab.hvp import HessianOperator
+
+    calls = []
+    for name in ("matvec", "holdout_statistics"):
+        def wrapped(self, V, *args, _orig=getattr(HessianOperator, name), **kwargs):
+            calls.append((1 if V.dim() == 1 else V.shape[0], self.num_samples))
+            return _orig(self, V, *args, **kwargs)
+        monkeypatch.setattr(HessianOperator, name, wrapped)
+    return calls
+
+
+def _classifier(N, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return model, classification_data(N, (6,), seed=seed + 1)
+
+
+@pytest.mark.parametrize("regime, curvature", [("exact", "none"), ("exact", "kfac"),
+                                               ("multilevel", "none")])
+def test_cost_record_counts_the_products_made(monkeypatch, regime, curvature):
+    # the record is checked against the products observed through the operator, not
+    # against its own definition: vectors multiplied, per-sample products, passes.
+    # "kfac" multiplies blocks of several vectors (LOBPCG, the approximation's top
+    # eigenvectors as a Lanczos start block); its building cost (gradient work, half of
+    # it counted as samples) is read from the Cost the approximation was given
+    calls = spy_products(monkeypatch)
+    built = []
+    import curvlab.curvature as cc
+    build = cc.build_curvature
+    monkeypatch.setattr(cc, "build_curvature",
+                        lambda *a, **k: built.append(k["cost"]) or build(*a, **k))
+    if regime == "exact":
+        model, N = tiny_mlp(), 30
+        r = curvlab.extremes(model, F.cross_entropy, classification_data(N, (5,)), batch_size=7,
+                             curvature=curvature)
+    else:  # subsample levels and holdouts: operators over parts of the data
+        model, (X, Y) = _classifier(N := 1200)
+        r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel",
+                             sample_size=100, tol=0.05, tol_min=0.2, batch_size=300)
+        assert r.levels and any(m < N for _, m in calls)
+    assert len(built) == (curvature != "none")
+    extra = sum(c.grad_samples for c in built) / 2
+    if curvature != "none":
+        assert extra > 0 and max(k for k, _ in calls) > 1
+    assert r.options["sampling"] == regime and r.num_samples == N and calls
+    vectors = sum(k for k, _ in calls)
+    samples = sum(k * m for k, m in calls)
+    assert r.cost.products == vectors
+    assert r.cost.samples == int(samples + extra)
+    assert math.isclose(r.cost.hvps, (samples + extra) / N, rel_tol=1e-12)
+    assert r.cost.passes == len(calls)
+    if regime == "exact":  # every product over all N samples
+        assert all(m == N for _, m in calls)
+        assert math.isclose(r.cost.hvps, vectors + extra / N, rel_tol=1e-12)
+    assert r.cost.seconds > 0
+    # the trace agrees: each step follows at least one pass, its running total of
+    # full-data products never decreases and ends within what the record says
+    hvps = [e["hvps"] for e in r.history]
+    assert 0 < len(hvps) <= r.cost.passes
+    assert hvps == sorted(hvps) and 0 < hvps[-1] <= r.cost.hvps * (1 + 1e-12)
 
 
 def test_result_is_frozen():
