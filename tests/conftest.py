@@ -91,3 +91,33 @@ def dense_hessian(model, loss_fn, X, Y):
 @pytest.fixture
 def ce():
     return F.cross_entropy
+
+
+def per_sample_curvature(model, per_sample_loss, X, Y, v):
+    """``q_d = v^T H_d v`` for every sample ``d``, exactly (second derivative of each
+    sample's loss along ``v``, by forward mode twice), model in eval mode.
+
+    ``per_sample_loss(output, Y)`` returns the ``(N,)`` losses; ``v`` is flat, in the
+    order of the trainable parameters.  ``q.mean()`` is the full-data Rayleigh
+    quotient ``v^T H v`` (for unit ``v``); ``q.std()`` the per-sample spread that a
+    holdout estimate's standard error comes from.
+    """
+    from torch.func import jvp
+
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    others = {**{n: p.detach() for n, p in model.named_parameters() if not p.requires_grad},
+              **dict(model.named_buffers())}
+    chunks = torch.split(v.detach().to(D), [params[n].numel() for n in names])
+    dirs = {n: c.view(params[n].shape) for n, c in zip(names, chunks)}
+    one = torch.ones((), dtype=D)
+
+    def f(t):
+        p = {n: params[n] + t * dirs[n] for n in names}
+        return per_sample_loss(functional_call(model, {**p, **others}, (X,)), Y)
+
+    def df(t):
+        return jvp(f, (t,), (one,))[1]
+
+    return jvp(df, (torch.zeros((), dtype=D),), (one,))[1]

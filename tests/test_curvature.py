@@ -234,16 +234,40 @@ def test_ggn_single_vector_with_non_ce_loss(method):
     assert rel(out, dense_ggn(model, F.mse_loss, X, Y) @ v) < RTOL
 
 
+class _LoggedDataset(torch.utils.data.Dataset):
+    """``(X[i], Y[i])``, logging every index read (in order)."""
+
+    def __init__(self, X, Y):
+        self.X, self.Y, self.log = X, Y, []
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        self.log.append(i)
+        return self.X[i], self.Y[i]
+
+
 def test_ggn_max_samples_uses_first_batches_and_stays_fixed():
     model = mlp()
     X, Y = data(11, (5,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=4,
-                                         shuffle=True)
+    ds = _LoggedDataset(X, Y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
     G = GGN(FunctionalModel(model), F.cross_entropy, loader, max_samples=7)
     assert G.num_samples == 8  # whole batches: 4 + 4 >= 7
-    v = torch.randn(G.n, dtype=D)
-    # the kept batches are fixed, so a shuffling loader still gives one operator
-    assert rel(G.matvec(v), G.matvec(v)) < 1e-14
+    # the kept samples: the first two batches of the pass that read them, i.e. the last
+    # 8 indices read while building (a shuffled order, so not simply X[:8])
+    kept = ds.log[-8:]
+    assert len(set(kept)) == 8
+    v = torch.randn(G.n, dtype=D, generator=torch.Generator().manual_seed(4))
+    ref = dense_ggn(model, F.cross_entropy, X[kept], Y[kept]) @ v  # independent, dense
+    reads = len(ds.log)
+    assert rel(G.matvec(v), ref) < RTOL
+    list(loader)  # the loader moves on to another shuffle
+    # the kept batches are held, not re-read: the same operator after the loader moved on
+    assert rel(G.matvec(v), ref) < RTOL
+    assert len(ds.log) == reads + len(X)  # only the list(loader) pass read the data
     G2 = GGN(FunctionalModel(model), F.cross_entropy, batches(X, Y), max_samples=7)
     assert rel(G2.matvec(v), dense_ggn(model, F.cross_entropy, X[:8], Y[:8]) @ v) < RTOL
 

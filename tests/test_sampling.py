@@ -10,7 +10,7 @@ from torch import nn
 import curvlab
 from curvlab.sampling import extreme_interval, holdout_rayleigh, sample_size_for
 
-from conftest import dense_hessian
+from conftest import dense_hessian, per_sample_curvature
 
 D = torch.float64
 
@@ -108,6 +108,25 @@ def mlp_problem():
     return model, X, Y, float(ev[0]), float(ev[-1]), slack
 
 
+def _ce_none(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def check_end(r, end, truth, tol, slack):
+    """An end's interval is finite, holds its estimate and the dense truth, and, where
+    it says converged, is no wider than asked: half-width within ``tol`` of the estimate
+    (or the floor relative to lambda_max), so the estimate is within that of the truth."""
+    lo, hi = getattr(r, f"interval_{end}")
+    value, error = getattr(r, f"lambda_{end}"), getattr(r, f"lambda_{end}_error")
+    assert math.isfinite(lo) and math.isfinite(hi), (end, lo, hi)
+    assert lo <= value <= hi and lo - slack <= truth <= hi + slack, (end, lo, value, hi, truth)
+    assert math.isclose(error, max(hi - value, value - lo), rel_tol=1e-12)
+    if getattr(r, f"converged_{end}"):
+        target = max(tol * abs(value), r.options["floor"] * abs(r.lambda_max))
+        assert (hi - lo) / 2 <= target * (1 + 1e-9), (end, lo, hi, target)
+        assert abs(value - truth) <= target * (1 + 1e-9) + slack
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_multilevel_result_intervals_contain_the_exact_extremes(mlp_problem, seed):
     model, X, Y, lmin, lmax, slack = mlp_problem
@@ -117,31 +136,104 @@ def test_multilevel_result_intervals_contain_the_exact_extremes(mlp_problem, see
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=0.05, tol_min=0.05, seed=seed, batch_size=500)
     assert r.options["sampling"] == "multilevel" and r.levels
-    assert r.interval_max[0] - slack <= lmax <= r.interval_max[1] + slack
-    assert r.interval_min[0] - slack <= lmin <= r.interval_min[1] + slack
+    assert r.converged  # the default budget (300) is ample here: measured about 45 HVPs
+    check_end(r, "max", lmax, 0.05, slack)
+    check_end(r, "min", lmin, 0.05, slack)
     assert set(r.error_parts) == {"min", "max"}
 
 
+def test_multilevel_on_a_dataloader(mlp_problem):
+    # the same samples from a DataLoader over a TensorDataset: subsets and holdouts are
+    # drawn from its batches; the answer is checked against the dense truth and equals
+    # the (X, Y) call's (the same batches of 500 in the same order)
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=500)
+    kw = dict(sampling="multilevel", sample_size=200, tol=0.05, tol_min=0.05, seed=1)
+    r = curvlab.extremes(model, F.cross_entropy, loader, **kw)
+    assert r.options["sampling"] == "multilevel" and r.levels and r.num_samples == len(X)
+    assert min(r.sample_sizes.values()) < len(X)  # an end was certified on a subsample
+    assert r.converged
+    check_end(r, "max", lmax, 0.05, slack)
+    check_end(r, "min", lmin, 0.05, slack)
+    ref = curvlab.extremes(model, F.cross_entropy, (X, Y), batch_size=500, **kw)
+    assert math.isclose(r.lambda_max, ref.lambda_max, rel_tol=1e-9)
+    assert math.isclose(r.lambda_min, ref.lambda_min, rel_tol=1e-9)
+
+
 def test_subsample_intervals_cover_at_about_their_level(mlp_problem):
-    # first-level (m = 200 of 3000) 95 % intervals over 20 seeds; measured here:
-    # 19/20 for each end.  P(16 or fewer of 20 | 95 %) = 1.6 %, so >= 17 is the bar.
+    # first-level (m = 200 of 3000) 95 % intervals over 20 seeds (one level: the budget of
+    # 2 HVPs allows no second).  P(16 or fewer of 20 | 95 %) = 1.6 %, so >= 17 is the bar.
+    # An interval open on its outward side (the search did not settle) covers trivially,
+    # so coverage is counted on the inward side (always finite) and, separately, on the
+    # intervals finite on both sides; measured here: inward 19/20 (max), 20/20 (min);
+    # lambda_max two-sided in 20 of 20 and covering in 19 of them.
+    # Widths: the inward side lies z * se from the holdout estimate; se is checked
+    # against the one implied by the true per-sample spread of v^T H_d v along the
+    # returned vector (dense, exact): (rest / N) * std * sqrt(1/t - 1/rest) for a holdout
+    # of t of the rest = N - m samples.  se is estimated from 32+ groups (relative sd
+    # about 1/sqrt(2 * 32) = 12 %), so [0.6, 1.6] leaves more than 3 sd.
     model, X, Y, lmin, lmax, _ = mlp_problem
-    hits = {"max": 0, "min": 0}
+    N, m, z = len(X), 200, 1.959964
+    inward = {"max": 0, "min": 0}
+    two_sided = {"max": [], "min": []}
     for seed in range(20):
         r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel",
-                             sample_size=200, tol=1e-9, seed=seed, batch_size=500, max_hvps=2)
-        ends = r.levels[0]["ends"]
-        hits["max"] += ends["max"]["interval"][0] <= lmax <= ends["max"]["interval"][1]
-        hits["min"] += ends["min"]["interval"][0] <= lmin <= ends["min"]["interval"][1]
-    assert hits["max"] >= 17 and hits["min"] >= 17, hits
+                             sample_size=m, tol=1e-9, seed=seed, batch_size=500, max_hvps=2)
+        assert len(r.levels) == 1 and r.levels[0]["sample_size"] == m
+        for end, truth in (("max", lmax), ("min", lmin)):
+            d = r.levels[0]["ends"][end]
+            lo, hi = d["interval"]
+            est = d["rayleigh_holdout"]
+            near = lo if end == "max" else hi  # the inward side
+            assert math.isfinite(near) and lo < hi, (seed, end, lo, hi)
+            inward[end] += near <= truth if end == "max" else truth <= near
+            if math.isfinite(lo) and math.isfinite(hi):
+                two_sided[end].append(lo <= truth <= hi)
+            # the returned vector is this level's: its true Rayleigh quotient and spread
+            v = getattr(r, f"vector_{end}")
+            q = per_sample_curvature(model, _ce_none, X, Y, v / v.norm())
+            rest, t = N - m, d["holdout"]
+            se = rest / N * float(q.std()) * math.sqrt(1 / t - 1 / rest)
+            assert 0.6 * z * se <= abs(est - near) <= 1.6 * z * se, (seed, end, est, near, se)
+    assert inward["max"] >= 17 and inward["min"] >= 17, inward
+    assert len(two_sided["max"]) >= 17, two_sided  # the isolated top settles in 2 HVPs
+    for end, hits in two_sided.items():
+        assert sum(hits) >= len(hits) - 3, (end, hits)
 
 
-def test_multilevel_warm_start_reuses_sample_size():
-    model, X, Y = _trained_mlp()
-    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
-                         tol=0.05, tol_min=0.2, batch_size=500)
-    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", init=r,
-                          tol=0.05, tol_min=0.2, batch_size=500)
-    if r.sample_size < r.num_samples:
-        assert r2.levels[0]["sample_size"] == r.sample_size
+def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
+    # deterministic (seed 0): the first call certifies lambda_max on a subsample (800 of
+    # 3,000) and needs all data for lambda_min, so the warm start begins at the first
+    # call's last subsample level (curvlab.extremes._warm_sizes); the branch is asserted,
+    # not skipped.  lambda_min (exact stage) is checked against the dense truth here;
+    # lambda_max, certified on the subsample, is the xfail test below.
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
+    assert r.sample_sizes["max"] < r.num_samples == r.sample_sizes["min"], r.sample_sizes
+    last = r.levels[-1]["sample_size"]
+    assert 200 < last < r.num_samples
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **kw)
     assert r2.options["warm_start"]
+    assert r2.levels[0]["sample_size"] == last
+    assert r2.converged_min
+    check_end(r2, "min", lmin, 0.05, slack)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug (curvlab/sampling.py holdout_estimate): when the holdout is everything "
+    "outside S (fpc = 0) it sets var = 0, so std = 0 as well; extreme_interval's subsample "
+    "bound theta_S + res_S + z*std/sqrt(m)*sqrt(1-m/N) then loses its sampling spread and the "
+    "lambda_max interval collapses to the zero-width (r, r) = (0.74692, 0.74692), "
+    "converged_max=True, excluding the dense truth 0.76402 (2.2 % off, tol 5 %); "
+    "std must still come from the holdout groups when se is 0"))
+def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem):
+    # seed 0: lambda_max is accepted at the level of 800 whose holdout is all the 2,200
+    # other samples (the Rayleigh quotient of its vector is then exact, se = 0)
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                         tol=0.05, tol_min=0.05, batch_size=500)
+    top = r.levels[-1]
+    assert top["ends"]["max"]["holdout"] == r.num_samples - top["sample_size"]
+    assert r.converged_max
+    check_end(r, "max", lmax, 0.05, slack)
