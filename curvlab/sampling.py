@@ -243,17 +243,18 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         raise ValueError(f"holdout of {t} samples cannot be disjoint from a subsample of {m} of {N}")
     fpc = max(0.0, 1 - t / rest) if rest > 0 else 0.0
     mean = float(acc.means()[j])
-    if fpc == 0.0:  # the holdout is everything outside S: exact, no spread needed
-        var, noise_j = 0.0, 0.0
-    elif acc.groups < 2:  # no spread can be estimated from one group
+    if acc.groups < 2:  # no spread can be estimated from one group
         var, noise_j = math.inf, math.inf
     else:
         var, noise_j = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
     raw = float(acc.residual_sq(noise=False)[0][j])
     perp_sq = max(0.0, raw - fpc * noise_j) if math.isfinite(noise_j) else raw
+    # a holdout that is everything outside S makes the Rayleigh quotient exact (se = 0), but
+    # the per-sample spread ``std`` is still needed: the subsample bound's sampling term
+    # (how far u^T H_S u may sit from u^T H u) does not vanish with the holdout's error
     return HoldoutEstimate(
         value=(m * theta_subsample + rest * mean) / N,
-        se=rest / N * math.sqrt(var * fpc),
+        se=rest / N * math.sqrt(var * fpc) if fpc > 0 else 0.0,
         std=math.sqrt(var * t),
         residual=m / N * residual_subsample + rest / N * math.sqrt(perp_sq),
         holdout=t)

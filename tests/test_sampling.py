@@ -206,7 +206,7 @@ def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     # 3,000) and needs all data for lambda_min, so the warm start begins at the first
     # call's last subsample level (curvlab.extremes._warm_sizes); the branch is asserted,
     # not skipped.  lambda_min (exact stage) is checked against the dense truth here;
-    # lambda_max, certified on the subsample, is the xfail test below.
+    # lambda_max, certified on the subsample, is the test below.
     model, X, Y, lmin, lmax, slack = mlp_problem
     kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
@@ -220,16 +220,11 @@ def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     check_end(r2, "min", lmin, 0.05, slack)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug (curvlab/sampling.py holdout_estimate): when the holdout is everything "
-    "outside S (fpc = 0) it sets var = 0, so std = 0 as well; extreme_interval's subsample "
-    "bound theta_S + res_S + z*std/sqrt(m)*sqrt(1-m/N) then loses its sampling spread and the "
-    "lambda_max interval collapses to the zero-width (r, r) = (0.74692, 0.74692), "
-    "converged_max=True, excluding the dense truth 0.76402 (2.2 % off, tol 5 %); "
-    "std must still come from the holdout groups when se is 0"))
 def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem):
     # seed 0: lambda_max is accepted at the level of 800 whose holdout is all the 2,200
-    # other samples (the Rayleigh quotient of its vector is then exact, se = 0)
+    # other samples (the Rayleigh quotient of its vector is then exact, se = 0); the
+    # subsample bound must keep its sampling spread (before the fix std was 0 too and the
+    # interval collapsed to (0.74692, 0.74692), excluding the dense 0.76402)
     model, X, Y, lmin, lmax, slack = mlp_problem
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=0.05, tol_min=0.05, batch_size=500)
