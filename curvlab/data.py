@@ -275,7 +275,10 @@ class Batches:
         fingerprint = _Fingerprint(self._probes)
         for i, batch in enumerate(self._source):
             x, y = _pair(batch, i, self.input_key, self.target_key)
-            nb = batch_size_of(x)
+            try:
+                nb = batch_size_of(x)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"batch {i}: {exc}") from None
             count += nb
             fingerprint.add(x, y, nb)
             yield x, y
@@ -481,9 +484,11 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None) 
                 "same first dimension (one target per input)")
         return TensorBatches(X, Y, batch_size)
     if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
+        extra = (" (a dict of whole-data tensors: pass (d['inputs'], d['targets']) with its keys)"
+                 if isinstance(data, Mapping) else "")
         raise TypeError(
             f"data is a {type(data).__name__}: pass a DataLoader, an iterable of (x, y) "
-            "batches, or a tuple (X, Y) of tensors with the same first dimension")
+            f"batches, or a tuple (X, Y) of tensors with the same first dimension{extra}")
     if isinstance(data, Iterator):  # one-shot (a generator): keep its batches for later passes
         data = list(data)
     return Batches(data, input_key=input_key, target_key=target_key)

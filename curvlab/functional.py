@@ -214,7 +214,8 @@ def batch_size_of(x) -> int:
     """Number of samples in a batch input (first dim of its first tensor)."""
     if isinstance(x, Tensor):
         if x.dim() == 0:
-            raise ValueError("a batch input is a 0-dim tensor: inputs need a leading batch dimension")
+            raise ValueError("a batch input is a 0-dim tensor: inputs need a leading batch dimension "
+                             "that counts the samples (e.g. x.unsqueeze(0) for a single sample)")
         return x.shape[0]
     if isinstance(x, (list, tuple)) and x:
         return batch_size_of(x[0])

@@ -494,9 +494,12 @@ def _explain(exc: Exception, who: str, index: int, x, out, y) -> Exception:
     cls = TypeError if isinstance(exc, TypeError) else ValueError
     if out is not None and not isinstance(out, Tensor):
         cls = TypeError
-        fix = (f"the model returns a {type(out).__name__}, not a tensor: pass output_fn= to pick "
-               "the tensor loss_fn takes, e.g. output_fn=lambda out: out[0] or "
+        fix = (f"the model's output is a {type(out).__name__}, not a tensor: pass output_fn= to "
+               "pick the tensor loss_fn takes, e.g. output_fn=lambda out: out[0] or "
                "output_fn=lambda out: out.logits")
+    elif out is None and "output_fn" in who and isinstance(exc, (AttributeError, IndexError, KeyError,
+                                                                     TypeError)):
+        fix = "output_fn does not fit what the model returns: check it on model(x) outside curvlab"
     elif isinstance(exc, IndexError) and isinstance(y, Tensor) and not y.is_floating_point():
         fix = ("a class index in the targets is out of range for the model's outputs: check the "
                "number of classes and that labels run from 0 to classes - 1")
@@ -518,7 +521,8 @@ def _explain(exc: Exception, who: str, index: int, x, out, y) -> Exception:
     if out is not None:
         shapes += f"; output {_describe(out)}"
     shapes += f"; target {_describe(y)}"
-    return cls(f"{who} raised {type(exc).__name__} on batch {index} ({shapes}): {exc}. Likely fix: {fix}")
+    text = str(exc).rstrip().rstrip(".")
+    return cls(f"{who} raised {type(exc).__name__} on batch {index} ({shapes}): {text}. Likely fix: {fix}")
 
 
 def _check_finite_loss(loss: Tensor, index: int) -> None:
