@@ -68,6 +68,7 @@ DEFAULT_KEYS = ("input", "target")
 # by rounding only, a few eps of the sum of magnitudes; 1e-9 leaves a wide margin and still
 # sees one changed sample among a billion
 _FINGERPRINT_RTOL = 1e-9
+_CHUNK = 1 << 22  # elements of a batch converted to float64 at a time
 
 
 def check_keys(input_key, target_key) -> None:
@@ -179,7 +180,9 @@ class _Fingerprint:
             rows = t.reshape(t.shape[0], -1)
             if rows.shape[1] == 0:
                 continue
-            a = rows.to(torch.float64) @ self._probe(path, rows.shape[1], rows.device)
+            r = self._probe(path, rows.shape[1], rows.device)
+            step = max(1, _CHUNK // rows.shape[1])  # bounds the float64 copy of a large batch
+            a = torch.cat([rows[s:s + step].to(torch.float64) @ r for s in range(0, rows.shape[0], step)])
             if leaf.dim() >= 1 and leaf.shape[0] == nb:
                 arg = a if arg is None else arg + a.to(arg.device)
             else:

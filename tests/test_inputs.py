@@ -524,3 +524,13 @@ def test_collate_that_changes_the_batch_size_is_named():
     with pytest.raises(ValueError, match=r"sampler promises 12 samples, but a pass yielded 6.*collate_fn"):
         for _ in b:
             pass
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "kfac"])
+def test_output_fn_and_keys_reach_the_curvature_approximations(curvature):
+    inner = tiny_mlp()
+    X, Y = classification_data(40, (5,))
+    r = curvlab.extremes(WithExtra(inner), F.cross_entropy, DataLoader(Dicts(X, Y), batch_size=8),
+                         output_fn=lambda out: out[0], input_key="pixel_values", target_key="labels",
+                         curvature=curvature, **TIGHT)
+    _check_dense(r, inner, X, Y)
