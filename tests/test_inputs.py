@@ -534,3 +534,25 @@ def test_output_fn_and_keys_reach_the_curvature_approximations(curvature):
                          output_fn=lambda out: out[0], input_key="pixel_values", target_key="labels",
                          curvature=curvature, **TIGHT)
     _check_dense(r, inner, X, Y)
+
+
+def test_loss_check_skips_batches_it_cannot_split():
+    # one sample: mean and sum agree, nothing to compare (no error, one forward counted)
+    model = tiny_mlp()
+    X, Y = classification_data(6, (5,))
+    total = lambda o, y: F.cross_entropy(o, y, reduction="sum")  # noqa: E731
+    H = HessianOperator(model.eval(), total, [(X[:1], Y[:1]), (X[1:], Y[1:])])
+    assert H.cost.forward_samples == 1
+    # an input whose tensors do not all count the samples (a shared mask): not split, not failed
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_mlp()
+
+        def forward(self, x, mask):
+            return self.inner(x * mask)
+
+    mask = torch.ones(5, dtype=D)
+    H = HessianOperator(Masked().eval(), F.cross_entropy, [((X, mask), Y)])
+    assert H.cost.forward_samples == 6
