@@ -201,6 +201,12 @@ class PreSharded(Batches):
     def subset(self, index: Tensor):
         self._refuse()
 
+    def with_keys(self, input_key, target_key) -> "PreSharded":
+        out = PreSharded([])
+        out.part = self.part.with_keys(input_key, target_key)
+        out.input_key, out.target_key = input_key, target_key
+        return out
+
 
 def presharded(data, batch_size: int = 256) -> PreSharded:
     """Mark ``data`` as this rank's shard: curvlab will not shard it again.
@@ -269,12 +275,12 @@ def shard(batches: Batches, rank: int, world_size: int, scheme: str = "contiguou
     if isinstance(batches, PreSharded):
         return Shard(batches.part, "presharded")
     if isinstance(batches, TensorBatches):
-        N, bs = len(batches.X), batches.batch_size
+        N = batches.num_samples
         if scheme == "strided":
-            local = TensorBatches(batches.X[rank::world_size], batches.Y[rank::world_size], bs)
+            local = batches.rows(slice(rank, None, world_size))
         else:
             start, stop = _contiguous_range(N, rank, world_size)
-            local = TensorBatches(batches.X[start:stop], batches.Y[start:stop], bs)
+            local = batches.rows(slice(start, stop))
         return Shard(local, scheme, size_hint=N)
     source = batches._source
     if isinstance(source, torch.utils.data.DataLoader):
@@ -282,10 +288,10 @@ def shard(batches: Batches, rank: int, world_size: int, scheme: str = "contiguou
         if isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
             _check_distributed_sampler(sampler, rank, world_size)
             return Shard(batches, "presharded")
-        return _shard_loader(source, rank, world_size)
+        return _shard_loader(batches, rank, world_size)
     if isinstance(source, (list, tuple)):
-        return Shard(Batches(list(source[rank::world_size])), "batches", size_hint=len(source))
-    return Shard(Batches(_RoundRobin(source, rank, world_size)), "batches")
+        return Shard(batches._like(list(source[rank::world_size])), "batches", size_hint=len(source))
+    return Shard(batches._like(_RoundRobin(source, rank, world_size)), "batches")
 
 
 def _contiguous_range(N: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -311,12 +317,13 @@ def _check_distributed_sampler(sampler, rank: int, world_size: int) -> None:
             "duplicates), or use a data set whose size the world size divides")
 
 
-def _shard_loader(loader, rank: int, world_size: int) -> Shard:
+def _shard_loader(batches: Batches, rank: int, world_size: int) -> Shard:
     """Round-robin shard of a DataLoader, through its batch sampler when it has one."""
+    loader = batches._source
     dataset = loader.dataset
     if loader.batch_sampler is None or isinstance(dataset, torch.utils.data.IterableDataset):
         size = _len_or(loader)
-        return Shard(Batches(_RoundRobin(loader, rank, world_size)), "batches", size_hint=size)
+        return Shard(batches._like(_RoundRobin(loader, rank, world_size)), "batches", size_hint=size)
     index_lists = [list(b) for b in loader.batch_sampler]
     digest = hashlib.blake2b(digest_size=8)
     for b in index_lists:
@@ -331,7 +338,7 @@ def _shard_loader(loader, rank: int, world_size: int) -> Shard:
                       persistent_workers=loader.persistent_workers,
                       multiprocessing_context=loader.multiprocessing_context)
     local = torch.utils.data.DataLoader(dataset, **kwargs)
-    return Shard(Batches(local), "batches", size_hint=len(index_lists), checksum=checksum)
+    return Shard(batches._like(local), "batches", size_hint=len(index_lists), checksum=checksum)
 
 
 def _len_or(obj, default: int = -1) -> int:

@@ -9,6 +9,7 @@ usable on its own.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from statistics import NormalDist
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .functional import FunctionalModel, evaluation_mode
+from .data import check_keys
+from .functional import FunctionalModel, check_dtype, evaluation_mode
 from .hvp import METHODS, Cost, HessianOperator
 from .lanczos import lanczos
 from .sampling import (extreme_interval, holdout_estimate, holdout_size_for, kato_temple_interval,
@@ -47,6 +49,11 @@ class CostRecord:
         passes: passes over (a subset of) the data.
         products: vectors multiplied by a (possibly subsampled) Hessian.
         seconds: wall time of the whole call.
+        forward_samples: per-sample forward passes of the check that the loss
+            is a batch mean (one batch and its halves; not in ``samples``).
+        load_passes: passes that only loaded the data to count its samples
+            (a loader that cannot say its size upfront); no model is run in
+            them, and they are not in ``passes``.
     """
 
     hvps: float
@@ -54,13 +61,17 @@ class CostRecord:
     passes: int
     products: int
     seconds: float
+    forward_samples: int = 0
+    load_passes: int = 0
 
     @staticmethod
     def total(costs, num_samples: int, seconds: float) -> "CostRecord":
         samples = sum(_hvp_samples(c) for c in costs)
         return CostRecord(hvps=samples / num_samples, samples=int(samples),
                           passes=sum(c.passes for c in costs),
-                          products=int(sum(c.hvps for c in costs)), seconds=seconds)
+                          products=int(sum(c.hvps for c in costs)), seconds=seconds,
+                          forward_samples=sum(c.forward_samples for c in costs),
+                          load_passes=sum(c.load_passes for c in costs))
 
 
 @dataclass(frozen=True)
@@ -147,9 +158,17 @@ class ExtremesResult:
         return ((want == "SA" or self.converged_max) and (want == "LA" or self.converged_min))
 
 
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def _check_positive(name: str, value, what: str = "") -> None:
+    """A finite number > 0 (not a bool)."""
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{name} must be a finite number > 0{what}, got {value!r}")
+
+
+def _check_int(name: str, value, low: int, what: str = "") -> None:
+    """An int >= ``low`` (not a bool)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{what}, got {value!r}")
 
 
 def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
@@ -159,7 +178,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
              seed: int = 0, device=None, dtype: torch.dtype | None = None,
              batch_size: int = 256, method: str = "auto", curvature: str = "none",
              approx_samples: int = 2048, approx_rank: int = 8,
-             progress: bool = False, callback: Callable[[dict], None] | None = None
+             progress: bool = False, callback: Callable[[dict], None] | None = None,
+             output_fn: Callable | None = None, input_key=None, target_key=None
              ) -> ExtremesResult:
     """Largest and smallest eigenvalue of the Hessian of the full-data mean loss.
 
@@ -198,12 +218,22 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     subsampling cannot save much, multilevel otherwise.
 
     Args:
-        model: the network.
+        model: the network.  A half-precision model (``float16``, ``bfloat16``)
+            is computed in ``float32`` on copies of its parameters and buffers
+            (inputs cast), unless ``dtype`` says otherwise.
         loss_fn: ``loss_fn(output, target) -> scalar`` batch-mean loss, e.g.
-            ``torch.nn.functional.cross_entropy``.
+            ``torch.nn.functional.cross_entropy`` (``reduction='mean'``).  Checked
+            on the first batch against the size-weighted mean of its two halves:
+            a sum (``reduction='sum'``) or any other normalisation raises
+            ``ValueError``.
         data: a DataLoader, an iterable of ``(x, y)`` batches, or a tuple
             ``(X, Y)`` of tensors (cut into ``batch_size`` batches).  It must give
-            the same samples on every pass: no random augmentation.
+            the same samples on every pass: no random augmentation, no
+            ``drop_last=True`` with ``shuffle=True`` (shuffling alone is fine).
+            Every full pass is fingerprinted and compared with the first; data
+            that changed raises ``ValueError`` (:mod:`curvlab.data`).  Batches
+            may be ``(x, y)``, ``(x, y, extra...)`` or dicts (see ``input_key``);
+            inputs may be tensors or tuples, lists or dicts of tensors.
         which: ``"both"``, ``"LA"`` (largest only) or ``"SA"`` (smallest only).
         tol: relative error wanted for ``lambda_max`` (half-width of its interval
             over ``|lambda_max|``; exact regime: ``||H v - theta v|| <= tol |theta|``).
@@ -249,6 +279,26 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         approx_rank: eigenvectors of the approximation used.
         progress: show a progress bar (tqdm) of the products spent.
         callback: called with each solver step's trace entry.
+        output_fn: applied to the model's output before ``loss_fn`` (and before
+            the curvature approximations see it), e.g. ``lambda out: out[0]`` for
+            a model returning ``(logits, extra)`` or ``lambda out: out.logits``.
+            A model whose output ``loss_fn`` cannot take raises ``TypeError``
+            naming ``output_fn``.
+        input_key, target_key: the entries of each batch that are the model's
+            input and the loss's target: dict keys (e.g. ``input_key="pixel_values",
+            target_key="labels"``) or integer positions in tuple batches.
+            ``input_key`` may be a tuple of keys, passed to the model as
+            positional arguments in that order.  Default: a dict's ``"input"``
+            and ``"target"``, a tuple's first two items.
+
+    Raises:
+        ValueError, TypeError: bad options (each message names the option and
+            what it takes); data that changed between passes; a loss that is
+            not a batch mean; ``(X, Y)`` of different lengths or 0-dim; dict
+            batches without the keys; an exception of the model or ``loss_fn``
+            on a batch, re-raised naming the batch, shapes, dtypes and the
+            likely fix (chained to the original).  Nothing is written to the
+            model in any case.
 
     Returns:
         :class:`ExtremesResult`; ``result.cost.hvps`` is the work in full-data
@@ -263,32 +313,57 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         True
     """
     t0 = time.perf_counter()
-    if which not in ("both", "LA", "SA"):
+    if not isinstance(which, str) or which not in ("both", "LA", "SA"):
         raise ValueError(f"which must be 'both', 'LA' or 'SA', got {which!r}")
-    if curvature not in CURVATURES:
+    if not isinstance(curvature, str) or curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if sampling not in SAMPLINGS:
+    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    _check_positive("tol", tol, " (a relative tolerance, e.g. 1e-2)")
+    if tol_min is not None:
+        _check_positive("tol_min", tol_min, " (a relative tolerance, e.g. 5e-2) or None for tol")
     tol_min = tol if tol_min is None else tol_min
-    for name, value in (("tol", tol), ("tol_min", tol_min), ("max_hvps", max_hvps),
-                        ("max_basis", max_basis)):
-        _check_positive(name, value)
-    if sample_size is not None and (not isinstance(sample_size, int) or sample_size < 2):
-        raise ValueError(f"sample_size must be an int >= 2, got {sample_size!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if floor < 0:
-        raise ValueError(f"floor must be >= 0, got {floor!r}")
+    _check_positive("max_hvps", max_hvps, " (a budget in full-data Hessian-vector products)")
+    _check_int("max_basis", max_basis, 1, " (Krylov vectors kept before a restart, e.g. 40)")
+    if sample_size is not None:
+        _check_int("sample_size", sample_size, 2, " (the first subsample size) or None")
+    if (not isinstance(confidence, numbers.Real) or isinstance(confidence, bool)
+            or not 0 < confidence < 1):
+        raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}")
+    if (not isinstance(floor, numbers.Real) or isinstance(floor, bool) or not math.isfinite(floor)
+            or floor < 0):
+        raise ValueError(f"floor must be a finite number >= 0 (relative to |lambda_max|, e.g. 1e-5; "
+                         f"0 for none), got {floor!r}")
+    _check_int("batch_size", batch_size, 1, " (samples per batch when data is (X, Y))")
+    _check_int("approx_samples", approx_samples, 1, " (samples the curvature approximation uses)")
+    _check_int("approx_rank", approx_rank, 1, " (eigenvectors of the approximation used)")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it gets each step's trace dict) or None, "
+                        f"got {type(callback).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, loss_fn(output, target) -> scalar batch mean "
+                        f"(e.g. torch.nn.functional.cross_entropy), got {type(loss_fn).__name__}")
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable (e.g. lambda out: out[0]) or None, "
+                        f"got {type(output_fn).__name__}")
+    check_keys(input_key, target_key)
+    if dtype is not None:
+        check_dtype(dtype)
     if init is not None and not isinstance(init, ExtremesResult):
         raise TypeError(f"init must be a previous ExtremesResult, got {type(init).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
     with evaluation_mode(model):
-        fmodel = FunctionalModel(model, dtype=dtype, device=device)
-        H = HessianOperator(None, loss_fn, data, batch_size=batch_size, method=method, fmodel=fmodel)
+        fmodel = FunctionalModel(model, dtype=dtype, device=device, output_fn=output_fn)
+        H = HessianOperator(None, loss_fn, data, batch_size=batch_size, method=method, fmodel=fmodel,
+                            input_key=input_key, target_key=target_key)
         N = H.num_samples
         v0 = _warm_start(init, fmodel.numel)
         m0 = _warm_sizes(init, N, which, sample_size)

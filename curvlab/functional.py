@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["ParamSpec", "FunctionalModel", "evaluation_mode"]
+__all__ = ["ParamSpec", "FunctionalModel", "evaluation_mode", "check_dtype", "compute_dtype"]
 
 
 @dataclass(frozen=True)
@@ -108,19 +108,34 @@ class FunctionalModel:
         model: any ``nn.Module``.  It is only read: its trainable parameters
             and its buffers are copied (detached, cast to ``dtype``, moved to
             ``device``); its frozen parameters are treated as buffers.
-        dtype: floating dtype of the copies and of floating inputs; ``None``
-            keeps the parameters' own dtype.
+        dtype: floating dtype of the copies and of floating inputs, at least
+            32 bits (``float32`` or ``float64``); ``None`` keeps the parameters'
+            own dtype, except that a half-precision model (``float16``,
+            ``bfloat16``) is computed in ``float32``: a Krylov basis and
+            eigen-solves in 8 bits of mantissa would carry no digits.
         device: device of the copies and of the inputs; ``None`` keeps the
             parameters' own device.
+        output_fn: applied to the model's output before anything else sees it
+            (e.g. ``lambda out: out[0]`` for a model returning ``(logits, extra)``,
+            ``lambda out: out.logits`` for a ``ModelOutput``); ``None``: the
+            output as it is.
 
     Raises:
         ValueError: the model has no parameter with ``requires_grad=True``.
+        TypeError: ``dtype`` is not a floating torch dtype; ``output_fn`` is not callable.
+        ValueError: ``dtype`` is half precision.
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, output_fn=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dtype is not None:
+            check_dtype(dtype)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable (e.g. lambda out: out[0]) or None, "
+                            f"got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(
@@ -128,7 +143,7 @@ class FunctionalModel:
                 "the Hessian is taken with respect to trainable parameters, so "
                 "unfreeze the ones you want, e.g. p.requires_grad_(True)")
         first = next(iter(trainable.values()))
-        self.dtype = dtype if dtype is not None else first.dtype
+        self.dtype = dtype if dtype is not None else compute_dtype(first.dtype)
         if not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {self.dtype}")
         self.device = torch.device(device) if device is not None else first.device
@@ -167,16 +182,40 @@ class FunctionalModel:
         return self.to_input(y)
 
     def __call__(self, params: Dict[str, Tensor], x) -> Tensor:
-        """``model(x)`` evaluated at ``params`` (a dict like :attr:`params`)."""
+        """``output_fn(model(x))`` evaluated at ``params`` (a dict like :attr:`params`)."""
         args = x if isinstance(x, tuple) else (x,)
-        return functional_call(self.module, (params, self.buffers), args)
+        out = functional_call(self.module, (params, self.buffers), args)
+        return out if self.output_fn is None else self.output_fn(out)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model of parameter dtype ``dtype`` is computed in: half precision -> float32."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def check_dtype(dtype) -> None:
+    """Raise unless ``dtype`` is a floating torch dtype of at least 32 bits (``ValueError`` for half)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype such as torch.float32 or torch.float64 (or None "
+                        f"for the model's), got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype (torch.float32 or torch.float64), got {dtype}")
+    if torch.finfo(dtype).bits < 32:
+        raise ValueError(
+            f"dtype={dtype} is half precision, too coarse for Hessian eigenvalues (a Lanczos basis "
+            "and its eigen-solves in half precision carry no reliable digits): use torch.float32 "
+            "or torch.float64, or leave dtype=None (a half-precision model is then computed in "
+            "float32 on copies of its parameters)")
 
 
 def batch_size_of(x) -> int:
     """Number of samples in a batch input (first dim of its first tensor)."""
     if isinstance(x, Tensor):
         if x.dim() == 0:
-            raise ValueError("a batch input is a 0-dim tensor: inputs need a leading batch dimension")
+            raise ValueError("a batch input is a 0-dim tensor: inputs need a leading batch dimension "
+                             "that counts the samples (e.g. x.unsqueeze(0) for a single sample)")
         return x.shape[0]
     if isinstance(x, (list, tuple)) and x:
         return batch_size_of(x[0])

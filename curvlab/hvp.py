@@ -37,6 +37,7 @@ sums are all-reduced, so every rank gets the same full-data product
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict
@@ -66,6 +67,11 @@ class Cost:
         passes: data passes made for HVP blocks (a block counts once).
         grad_samples: per-sample gradient evaluations (statistics, gradients).
         seconds: wall time spent inside the operator.
+        forward_samples: per-sample forward evaluations outside products and
+            gradients (the check that the loss is a batch mean: one batch and
+            its two halves, twice the batch's samples).
+        load_passes: passes that only loaded the data, to count its samples
+            (no model evaluated; see :mod:`curvlab.data`).  Not in ``passes``.
     """
 
     hvps: float = 0.0
@@ -73,13 +79,17 @@ class Cost:
     passes: int = 0
     grad_samples: int = 0
     seconds: float = 0.0
+    forward_samples: int = 0
+    load_passes: int = 0
 
     def copy(self) -> "Cost":
-        return Cost(self.hvps, self.samples, self.passes, self.grad_samples, self.seconds)
+        return Cost(self.hvps, self.samples, self.passes, self.grad_samples, self.seconds,
+                    self.forward_samples, self.load_passes)
 
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(self.hvps + other.hvps, self.samples + other.samples, self.passes + other.passes,
-                    self.grad_samples + other.grad_samples, self.seconds + other.seconds)
+                    self.grad_samples + other.grad_samples, self.seconds + other.seconds,
+                    self.forward_samples + other.forward_samples, self.load_passes + other.load_passes)
 
 
 def _check_scalar(loss: Tensor, index: int) -> None:
@@ -98,11 +108,17 @@ class HessianOperator:
         loss_fn: ``loss_fn(output, target) -> scalar``, the batch *mean* loss.
         data: a DataLoader, an iterable of ``(x, y)`` batches or a tuple ``(X, Y)``
             (see :func:`curvlab.data.as_batches`).
-        dtype, device: of the computation (default: the model's).
+        dtype, device: of the computation (default: the model's; float32 for a
+            half-precision model).
         batch_size: batch size used when ``data`` is ``(X, Y)``.
         method: ``"auto"``, ``"rev-rev"`` or ``"fwd-rev"`` (module docstring).
         fmodel: an existing :class:`FunctionalModel` to share (then ``model``,
-            ``dtype`` and ``device`` are taken from it).
+            ``dtype``, ``device`` and ``output_fn`` are taken from it).
+        output_fn: applied to the model's output before ``loss_fn``, e.g.
+            ``lambda out: out[0]`` (see :class:`~curvlab.functional.FunctionalModel`).
+        input_key, target_key: the entries of each batch that are the model's
+            input and the loss's target, e.g. ``input_key="pixel_values",
+            target_key="labels"`` for dict batches (see :mod:`curvlab.data`).
         distributed: ``None`` (default): data-parallel over the ranks when
             ``torch.distributed`` is initialised with more than one process; pass
             the *full* data on every rank, curvlab shards it.  ``False``: this
@@ -117,6 +133,20 @@ class HessianOperator:
     The model must already be in the mode the Hessian is wanted in (use
     :func:`curvlab.functional.evaluation_mode`); the operator never changes it.
 
+    Checked at construction, on the first non-empty batch, once per
+    :class:`FunctionalModel` and loss (operators sharing ``fmodel``, such as
+    the subsample operators of one :func:`curvlab.extremes` call, check once):
+    that ``loss_fn`` is a batch *mean*, by comparing its value on the batch
+    with the size-weighted mean of its values on the batch's two halves
+    (skipped for a batch of one sample or inputs that are not tensors); and
+    that the model and loss run on the batch at all (an exception from either,
+    on any batch, is re-raised as ``ValueError``/``TypeError`` naming the batch,
+    the shapes and dtypes, and the likely fix, when it is one of the errors
+    torch and Python raise for wrong shapes, dtypes and types: ``TypeError``,
+    ``ValueError``, ``RuntimeError`` (not out-of-memory), ``IndexError``,
+    ``KeyError``, ``AttributeError``; other exceptions propagate unchanged).  Costs three forward passes of
+    one batch (:attr:`Cost.forward_samples`).
+
     Example:
         >>> model = torch.nn.Linear(3, 2)
         >>> X, Y = torch.randn(10, 3), torch.randint(0, 2, (10,))
@@ -128,21 +158,34 @@ class HessianOperator:
     def __init__(self, model: nn.Module | None, loss_fn: Callable, data, *,
                  dtype: torch.dtype | None = None, device=None, batch_size: int = 256,
                  method: str = "auto", fmodel: FunctionalModel | None = None,
-                 distributed: bool | None = None, process_group=None):
+                 distributed: bool | None = None, process_group=None,
+                 output_fn: Callable | None = None, input_key=None, target_key=None):
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+            raise TypeError(f"loss_fn must be callable (e.g. torch.nn.functional.cross_entropy), "
+                            f"got {type(loss_fn).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.fmodel = fmodel if fmodel is not None else FunctionalModel(model, dtype=dtype, device=device)
+        if fmodel is not None and output_fn is not None:
+            raise ValueError("pass output_fn to the FunctionalModel when you pass fmodel")
+        self.fmodel = fmodel if fmodel is not None else FunctionalModel(
+            model, dtype=dtype, device=device, output_fn=output_fn)
         self.loss_fn = loss_fn
-        self.parallel = DataParallel(as_batches(data, batch_size), enabled=distributed,
+        batches = as_batches(data, batch_size, input_key=input_key, target_key=target_key)
+        counted = _counting_passes(batches)
+        self.parallel = DataParallel(batches, enabled=distributed,
                                      process_group=process_group, fmodel=self.fmodel)
         self.batches: Batches = self.parallel.batches
         self.num_samples = self.parallel.num_samples
         if method == "auto":
             method = "fwd-rev" if self.fmodel.device.type == "cuda" else "rev-rev"
         self.method = method
-        self.cost = Cost()
+        local = self.parallel.local
+        self.cost = Cost(load_passes=getattr(local, "counting_passes", 0) - counted.get(id(local), 0))
+        checked = self.fmodel.__dict__.setdefault("_checked_losses", [])
+        if not any(f is loss_fn for f in checked):
+            flag = torch.zeros(1, dtype=torch.float64, device=self.device)
+            self.parallel.sum_(self._check_mean_loss, flag)  # all ranks raise together
+            checked.append(loss_fn)
 
     # -- shapes -------------------------------------------------------------
     @property
@@ -162,9 +205,62 @@ class HessianOperator:
 
     # -- the batch loss as a pure function ------------------------------------
     def batch_loss(self, params: Dict[str, Tensor], x, y, index: int = 0) -> Tensor:
-        loss = self.loss_fn(self.fmodel(params, x), y)
+        try:
+            out = self.fmodel(params, x)
+        except _PASS_THROUGH:
+            raise
+        except _EXPLAINED as exc:
+            raise _explain(exc, "the model" + (" (with output_fn)" if self.fmodel.output_fn else ""),
+                           index, x, None, y) from exc
+        try:
+            loss = self.loss_fn(out, y)
+        except _PASS_THROUGH:
+            raise
+        except _EXPLAINED as exc:
+            raise _explain(exc, "loss_fn", index, x, out, y) from exc
         _check_scalar(loss, index)
         return loss
+
+    def _check_mean_loss(self) -> None:
+        """Raise unless ``loss_fn`` is the mean over the samples of the first non-empty batch."""
+        for index, (x, y) in enumerate(self.parallel.local):
+            if batch_size_of(x) > 0:
+                break
+        else:
+            return
+        x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
+        nb = batch_size_of(x)
+        params = self.fmodel.params
+        h = nb // 2
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                full = self.batch_loss(params, x, y, index)
+                self.cost.forward_samples += nb
+                halves = [(_rows(x, slice(0, h), nb), _rows(y, slice(0, h), nb)),
+                          (_rows(x, slice(h, nb), nb), _rows(y, slice(h, nb), nb))]
+                if nb < 2 or any(part is None for half in halves for part in half):
+                    return  # one sample, or inputs that cannot be split: nothing to compare
+                l1 = self.batch_loss(params, *halves[0], index)
+                l2 = self.batch_loss(params, *halves[1], index)
+                self.cost.forward_samples += nb
+        finally:
+            self.cost.seconds += time.perf_counter() - t0
+        full, l1, l2 = float(full), float(l1), float(l2)
+        mean = (h * l1 + (nb - h) * l2) / nb
+        tol = math.sqrt(torch.finfo(self.dtype).eps) * (abs(full) + abs(l1) + abs(l2))
+        if abs(full - mean) > tol:  # (a non-finite loss is reported by the first product)
+            ratio = f", {full / mean:.3g} times that" if mean else ""
+            raise ValueError(
+                f"loss_fn is not a mean over the batch's samples: on batch {index} ({nb} samples) it "
+                f"gives {full:.6g}, but the size-weighted mean of its values on the batch's two halves "
+                f"is {mean:.6g}{ratio} (a sum over the samples gives about 2 times). curvlab combines "
+                "batches of different sizes into the full-data mean loss and needs loss_fn(output, "
+                "target) to be the mean over the batch: use reduction='mean' (the default of torch "
+                "losses), or divide a summed loss by the batch size (loss.sum() / len(target)). "
+                "Class weights with reduction='mean' divide by the batch's sum of weights instead: "
+                "use reduction='sum' divided by the batch size. A model that mixes samples (batch "
+                "statistics in eval mode) fails this check too")
 
     def _batch_hvp_revrev(self, x, y, index: int, V: Tensor) -> Tensor:
         params = {k: p.detach().requires_grad_(True) for k, p in self.fmodel.params.items()}
@@ -356,6 +452,77 @@ class HessianOperator:
         self.cost.grad_samples += 2 * len(d2)  # two forward tangents ~ one backward each
         self.cost.seconds += time.perf_counter() - t0
         return d2
+
+
+def _counting_passes(batches) -> dict:
+    """``{id: counting_passes}`` of ``batches`` and the shard it may hold."""
+    return {id(b): b.counting_passes for b in (batches, getattr(batches, "part", None))
+            if isinstance(b, Batches)}
+
+
+def _rows(tree, rows: slice, nb: int):
+    """Rows of every tensor of a batch input/target; ``None`` if one has no leading ``nb`` dim."""
+    if isinstance(tree, Tensor):
+        return tree[rows] if tree.dim() >= 1 and tree.shape[0] == nb else None
+    if isinstance(tree, dict):
+        out = {k: _rows(v, rows, nb) for k, v in tree.items()}
+        return None if any(v is None for v in out.values()) else out
+    if isinstance(tree, (list, tuple)) and tree:
+        out = [_rows(v, rows, nb) for v in tree]
+        return None if any(v is None for v in out) else type(tree)(out)
+    return None
+
+
+# the errors torch and Python raise for wrong shapes, dtypes and types get the batch's context;
+# out-of-memory, interrupts and a user's own exception classes propagate as they are
+_PASS_THROUGH = (torch.OutOfMemoryError,)
+_EXPLAINED = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError)
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, Tensor):
+        return f"shape {tuple(obj.shape)}, {obj.dtype}"
+    if isinstance(obj, dict):
+        return "dict {" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} [" + ", ".join(_describe(v) for v in obj) + "]"
+    return f"a {type(obj).__name__}"
+
+
+def _explain(exc: Exception, who: str, index: int, x, out, y) -> Exception:
+    """A ``ValueError``/``TypeError`` naming the batch, shapes, dtypes and the likely fix."""
+    cls = TypeError if isinstance(exc, TypeError) else ValueError
+    if out is not None and not isinstance(out, Tensor):
+        cls = TypeError
+        fix = (f"the model's output is a {type(out).__name__}, not a tensor: pass output_fn= to "
+               "pick the tensor loss_fn takes, e.g. output_fn=lambda out: out[0] or "
+               "output_fn=lambda out: out.logits")
+    elif out is None and "output_fn" in who and isinstance(exc, (AttributeError, IndexError, KeyError,
+                                                                     TypeError)):
+        fix = "output_fn does not fit what the model returns: check it on model(x) outside curvlab"
+    elif isinstance(exc, IndexError) and isinstance(y, Tensor) and not y.is_floating_point():
+        fix = ("a class index in the targets is out of range for the model's outputs: check the "
+               "number of classes and that labels run from 0 to classes - 1")
+    elif isinstance(out, Tensor) and isinstance(y, Tensor) and y.dim() >= 1 and out.dim() >= 1 \
+            and y.shape[0] != out.shape[0]:
+        fix = (f"the output has {out.shape[0]} rows but the target {y.shape[0]}: each batch needs "
+               "one target per input (check input_key/target_key and the collate_fn)")
+    elif isinstance(out, Tensor) and isinstance(y, Tensor) and y.is_floating_point() \
+            and out.dim() == y.dim() + 1:
+        fix = ("the targets are floating but look like class indices: class-index losses "
+               "(cross_entropy, nll_loss) need integer targets, e.g. Y.long()")
+    elif isinstance(out, Tensor) and isinstance(y, Tensor) and not y.is_floating_point() \
+            and out.shape == y.shape:
+        fix = "regression losses (mse_loss, ...) need floating targets, e.g. Y.float()"
+    else:
+        fix = ("check that loss_fn(model(x), y) runs on one batch outside curvlab; if the model "
+               "returns more than the loss takes, pass output_fn=")
+    shapes = f"input {_describe(x)}"
+    if out is not None:
+        shapes += f"; output {_describe(out)}"
+    shapes += f"; target {_describe(y)}"
+    text = str(exc).rstrip().rstrip(".")
+    return cls(f"{who} raised {type(exc).__name__} on batch {index} ({shapes}): {text}. Likely fix: {fix}")
 
 
 def _check_finite_loss(loss: Tensor, index: int) -> None:
