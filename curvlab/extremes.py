@@ -663,7 +663,8 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
         work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
                                distributed=False)
         ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
-                              dtype=torch.float64, device=H.device, distributed=False)
+                              dtype=torch.float64, device=H.device, distributed=False,
+                              output_fn=H.fmodel.output_fn)
         out[:-2] = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
         out[-2:] = torch.tensor([1.0, work.num_samples], dtype=torch.float64)
 

@@ -192,6 +192,17 @@ def test_output_fn_picks_the_logits():
     _check_dense(r, inner, X, Y)
 
 
+def test_output_fn_in_float32_reaches_the_rounding_probe():
+    # a float32 model is checked against float64 products on a few samples: that probe
+    # builds its own float64 copy of the model, which must apply output_fn too
+    inner = tiny_mlp().float()
+    X, Y = classification_data(30, (5,))
+    r = curvlab.extremes(WithExtra(inner), F.cross_entropy, (X.float(), Y), output_fn=lambda out: out[0],
+                         batch_size=8, tol=1e-4, tol_min=1e-4)
+    ev = torch.linalg.eigvalsh(dense_hessian(inner.double(), F.cross_entropy, X, Y))
+    assert r.converged_max and r.interval_max[0] <= float(ev[-1]) <= r.interval_max[1]
+
+
 def test_dict_batches_with_named_keys():
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))
