@@ -204,7 +204,7 @@ def test_subsample_intervals_cover_at_about_their_level(mlp_problem):
 def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     # deterministic (seed 0): the first call certifies lambda_max on a subsample (800 of
     # 3,000) and needs all data for lambda_min, so the warm start begins at the first
-    # call's last subsample level (curvlab.extremes._warm_sizes); the branch is asserted,
+    # call's last subsample level (curvlab.multilevel._warm_sizes); the branch is asserted,
     # not skipped.  lambda_min (exact stage) is checked against the dense truth here;
     # lambda_max, certified on the subsample, is the test below.
     model, X, Y, lmin, lmax, slack = mlp_problem

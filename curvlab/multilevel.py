@@ -1,0 +1,364 @@
+"""The multilevel regime of :func:`curvlab.extremes`: search on a subsample, certify on a holdout.
+
+See :func:`_multilevel` for the method and :mod:`curvlab.sampling` for the
+statistics it rests on (holdout Rayleigh quotients, Kato-Temple bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .hvp import HessianOperator
+from .sampling import extreme_interval, holdout_estimate, holdout_size_for, kato_temple_interval
+from .solve import _Context, _ends_of, _exact, _solve_ends
+
+DEFAULT_SAMPLE = 2048
+
+
+def _multilevel(ctx: _Context, v0, m: int):
+    """Search on a subsample, certify on a holdout; grow the subsample only when needed.
+
+    At a level with subsample ``S`` (the first ``m`` samples of a random
+    permutation):
+
+    1. **search**: Lanczos on ``H_S`` (warm-started), two Ritz pairs per wanted
+       end, to half the tolerance, with at most half the remaining budget;
+    2. **certify** on a holdout ``T`` drawn from the samples after ``S`` (sample
+       splitting: ``T`` is independent of the vectors found on ``S``), grown in
+       chunks until the sampling part of each interval is within tolerance or
+       ``T`` is everything outside ``S`` (then the Rayleigh quotient is exact):
+       group products ``H_g v`` give the unbiased full-data Rayleigh quotient
+       ``r`` with its standard error ``se``, and a noise-free estimate of the
+       full-data residual ``||H v - r v||`` (:mod:`curvlab.sampling`);
+    3. **interval**, for ``lambda_max`` (mirrored for ``lambda_min``): below,
+       ``r - z se`` (Courant-Fischer: ``lambda_max >= r``); above, the tighter of
+       the subsample bound ``theta_S + res_S + z sigma / sqrt(m)`` (the top
+       eigenvector's curvature on ``S`` cannot exceed the subsample's extreme)
+       and Kato-Temple ``r + z se + res^2 / (r - lambda_2)``, whose quadratic
+       term makes an isolated outlier cheap to certify (``lambda_2`` bounded
+       from the subsample's second Ritz pair);
+    4. an end is done when its half-width is within tolerance.  Otherwise the
+       subsample-dependent part of its width decides the next size
+       (``m' = m (width / target)^2``, at least ``2m``); once ``m' > N/2`` the
+       remaining ends are solved exactly on all data.
+
+    When the budget (``max_hvps``) runs out, the ends not done are returned
+    with their last intervals and ``converged = False``.  A level's subsample
+    is shrunk, if needed, so that a dozen products on it and a first holdout
+    chunk of its size fit the budget left; a level that would then be no
+    larger than twice the last one is not started.  The last level the budget
+    allows spends what is left on its holdout, up to all samples outside
+    its subsample (a tighter inner side and estimate of the vector it found),
+    unless an exact stage could still follow it.
+    """
+    H, N = ctx.H, ctx.H.num_samples
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
+    todo = _ends_of(ctx.which)
+    done: dict = {}
+    last: dict = {}
+    sizes: dict = {}
+    levels: List[dict] = []
+    start, m_used = v0, m
+    while todo:
+        remaining = ctx.max_hvps - ctx.spent()
+        if remaining <= 0:
+            break
+        if 2 * m > N:
+            if last and remaining < 2 * len(todo):
+                break  # too little left for the exact stage to improve on the last intervals
+            for end, entry in _exact(ctx, H, start, todo).items():
+                done[end] = _keep_level_bounds(end, entry, last.get(end))
+            sizes.update({e: N for e in todo})
+            return done, levels, N, sizes
+        # a level should fit the budget left: a dozen products on S and a first holdout
+        # chunk of m per end; under a tight budget the subsample shrinks to fit (a warm
+        # start's vectors then get a few Krylov steps rather than none)
+        fit = int(remaining * N / (12 + 2 * len(todo)))
+        if fit < m:
+            if last and fit < 2 * m_used:
+                break  # a level that fits would not be larger than the last one
+            m = max(fit, min(64, N // 2))
+        # the last level the budget allows: the next, at least 2m, would not fit even with
+        # all that is left now, and no exact stage can follow (the next size, at most 4m,
+        # stays within N/2, or too little is left for the exact stage to run): its holdout
+        # may spend everything left
+        final = fit < 2 * m and (8 * m <= N or remaining < 2 * len(todo))
+        S = H.batches.subset(perm[:m])
+        HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
+        ctx.costs.append(HS.cost)
+        found = _solve_ends(ctx, HS, todo, start, 0.5, 0.5 * remaining, k=2)
+        ests = _certify(ctx, perm, m, found, todo, done, spend_all=final)
+        level = {"sample_size": m, "ends": {}}
+        need = m
+        for end in todo:
+            theta, vec, res, conv, nxt = found[end]
+            est = ests[end]
+            interval, kt, _ = _level_interval(ctx, end, found[end], est, m)
+            half = (interval[1] - interval[0]) / 2
+            centre = (interval[0] + interval[1]) / 2
+            target = _target(ctx, end, centre if math.isfinite(centre) else est.value, found, done)
+            ok = math.isfinite(half) and half <= target
+            level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
+                                      standard_error=est.se, holdout=est.holdout,
+                                      residual_full=est.residual, interval=interval,
+                                      kato_temple=kt, accepted=ok,
+                                      overturned=end in ctx.overturned)
+            # the estimate: the interval's centre (the point whose worst error over the
+            # interval is least, so the reported error is the half-width; the Rayleigh
+            # quotient of an unfinished vector errs inward, the subsample's extreme outward;
+            # for an end not yet within tolerance the centre moves with the confidence
+            # level); the unbiased Rayleigh quotient when the outward side is open
+            value = centre if math.isfinite(centre) else est.value
+            entry = dict(value=value, interval=interval, vector=vec, converged=ok, solver=res,
+                         sampling=ctx.z * est.se)
+            sizes[end] = m
+            if ok:
+                done[end] = entry
+            else:
+                last[end] = entry
+                need = max(need, _next_size(ctx, end, found[end], est, target, m))
+        level["hvps_so_far"] = ctx.spent()
+        levels.append(level)
+        m_used = m
+        todo = [e for e in todo if e not in done]
+        start = {e: found[e][1] for e in todo}
+        m = need
+    for end in todo:  # budget spent: the last intervals, not converged
+        if end in last:
+            done[end] = last[end]
+        else:  # spent before any level (e.g. on a curvature approximation): nothing known
+            done[end] = dict(value=math.nan, interval=(-math.inf, math.inf), vector=start.get(end),
+                             converged=False, solver=math.inf, sampling=math.inf)
+    return done, levels, m_used, sizes
+
+
+def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
+    """An exact-stage end that did not converge, combined with the last level's interval.
+
+    The exact stage's Ritz value is a rigorous inward bound but, unconverged, it has no
+    outward side; the last subsample level's interval has a (statistical) outward side.
+    Both hold, so the result is their intersection; the estimate stays the exact Ritz
+    value (on the full data it errs by about ``residual^2 / gap``, far less than the
+    interval's width).  A converged exact end is returned as it is.
+    """
+    if exact["converged"] or level is None:
+        return exact
+    (lo_e, hi_e), (lo_l, hi_l) = exact["interval"], level["interval"]
+    lo, hi = max(lo_e, lo_l), min(hi_e, hi_l)
+    if lo > hi:  # the level's statistical bound is contradicted by the exact Ritz value
+        lo, hi = (lo_e, hi_e)
+    return dict(exact, interval=(lo, hi), sampling=level["sampling"])
+
+
+def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
+    """First subsample size of a warm-started call.
+
+    When the previous call certified every wanted end on subsamples, the
+    smallest of their sizes; when it needed the exact stage for one, its last
+    subsample level (whose vectors start the exact stage well; this call's
+    start vectors come from the previous one).  Default otherwise.
+    """
+    if sample_size is not None:
+        return sample_size
+    if init is None or init.num_samples != N:
+        return DEFAULT_SAMPLE
+    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
+    if all(2 * s <= N for s in sizes.values()):
+        return max(2, min(sizes.values()))
+    return init.levels[-1]["sample_size"] if init.levels else DEFAULT_SAMPLE
+
+
+def _excesses(ctx: _Context, end: str, pair: tuple, est, m: int) -> tuple[float, float]:
+    """Outward bounds beyond the Rayleigh quotient: ``(subsample bound, Kato-Temple)``.
+
+    For ``lambda_max`` the interval is ``(r - s, min(r + e_stat, r + s + e_kt))``
+    with ``s = z se``: ``e_stat = theta_S + res_S + spread - r`` does not depend on
+    the holdout, ``e_kt = res^2 / gap`` (``inf`` without a gap) comes on top of
+    ``s``.  Mirrored for ``lambda_min``.
+    """
+    theta, _, res, _, _ = pair
+    N = ctx.H.num_samples
+    se = ctx.z * est.se
+    stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
+    _, kt, _ = _level_interval(ctx, end, pair, est, m)
+    if end == "max":
+        return stat[1] - est.value, kt[1] - (est.value + se)
+    return est.value - stat[0], (est.value - se) - kt[0]
+
+
+def _sampling_room(e_stat: float, e_kt: float, target: float) -> float:
+    """Largest ``s = z se`` with a half-width within ``target`` (``<= 0``: none).
+
+    Half-width: ``(e_stat + s) / 2`` when the subsample bound binds, ``s + e_kt / 2``
+    when Kato-Temple does; the better of the two.
+    """
+    room = 2 * target - e_stat
+    if math.isfinite(e_kt):
+        room = max(room, target - e_kt / 2)
+    return room
+
+
+def _next_size(ctx: _Context, end: str, pair: tuple, est, target: float, m: int) -> int:
+    """Subsample size at which ``end``'s interval should meet ``target``.
+
+    The subsample bound's excess shrinks like ``1/sqrt(m)`` (its spread and the
+    subsample extreme's bias), the Kato-Temple term ``res^2 / gap`` like ``1/m``
+    (the full-data residual of a vector found on ``S`` is sampling noise of size
+    ``1/sqrt(m)``).  Each is asked to leave 40 % of ``target`` to the holdout's
+    sampling error; the smaller of the two predicted sizes is taken, at least
+    ``2m`` and at most ``4m``: levels are also the solver's warm starts (a
+    Lanczos run on ``4m`` samples started from the vectors of ``m`` needs far
+    fewer products than one from scratch, and so does the exact stage started
+    from a large subsample's vectors), so no level is skipped on a prediction.
+    """
+    N = ctx.H.num_samples
+    e_stat, e_kt = _excesses(ctx, end, pair, est, m)
+    want = m * (max(e_stat, 0.0) / (1.6 * target)) ** 2
+    if math.isfinite(e_kt):
+        want = min(want, m * max(e_kt, 0.0) / (1.2 * target))
+    return int(min(N, 4 * m, max(2 * m, math.ceil(want))))
+
+
+def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
+    """Half-width wanted for ``end``: its tolerance, or the floor relative to ``lambda_max``."""
+    top = found["max"][0] if "max" in found else done.get("max", {}).get("value", 0.0)
+    return max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre), ctx.floor * abs(top))
+
+
+def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
+    """Interval of one end at a level: ``(interval, kato_temple, kato_temple_binds)``.
+
+    The outward side is the tighter of the subsample bound
+    (:func:`curvlab.sampling.extreme_interval`) and Kato-Temple
+    (:func:`curvlab.sampling.kato_temple_interval`, with the next eigenvalue
+    taken as the subsample's next Ritz value moved outward by its residual: a
+    heuristic, as the subsample's second eigenvalue is not a bound on the full
+    data's).  Both need the subsample's extreme pair to have settled: met the
+    solver's tolerance, or have a residual under a tenth of the sampling spread
+    (a residual bounds the distance to *an* eigenvalue, the extreme one only
+    once the Krylov space has found it: a search stopped early by the budget
+    has not); Kato-Temple needs the next pair settled too.  Otherwise that side
+    is infinite.
+    """
+    theta, _, res, conv, nxt = pair
+    N = ctx.H.num_samples
+    inf = math.inf if end == "max" else -math.inf
+    stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
+    # a pair that missed the solver's tolerance is still trusted when its residual is
+    # far below the sampling spread (the tolerance could not change the interval)
+    noise = 0.1 * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    settled = (conv or res <= noise) and end not in ctx.overturned
+    if not settled:
+        stat = (stat[0], inf) if end == "max" else (inf, stat[1])
+    if nxt is None or not settled or not (nxt[2] or nxt[1] <= noise):
+        neighbour = inf
+    else:
+        neighbour = nxt[0] + nxt[1] if end == "max" else nxt[0] - nxt[1]
+    kt = kato_temple_interval(end, est, ctx.z, neighbour)
+    if end == "max":
+        return (stat[0], min(stat[1], kt[1])), kt, kt[1] < stat[1]
+    return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
+
+
+def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], done: dict,
+             spend_all: bool = False) -> dict:
+    """Grow a holdout after the subsample until each end's sampling error is small enough.
+
+    Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
+    least 512, within the budget); after each chunk every end's interval is
+    formed (:func:`_level_interval`).  An end whose width is within tolerance,
+    or whose subsample-dependent part alone misses it (it needs a larger
+    subsample, not a larger holdout), stops there; the others ask for the size
+    at which the sampling error fits in the room that part leaves
+    (:func:`_sampling_room`, :func:`curvlab.sampling.holdout_size_for`), and only
+    their vectors are multiplied on the next chunk.  The holdout at least
+    doubles, goes straight to all remaining samples when that is most of them,
+    and stays within the budget.  With ``spend_all`` (the last level the budget
+    allows), the ends not yet within tolerance grow their holdouts as far as the
+    budget left goes (no later level will use it): those with a two-sided
+    interval first, as only their width can still shrink; a one-sided end grows
+    only when no end is two-sided.
+    """
+    H, N = ctx.H, ctx.H.num_samples
+    rest = N - m
+    vectors = {e: found[e][1].to(H.device, H.dtype) for e in ends}
+    vectors = {e: v / v.norm() for e, v in vectors.items()}
+    accs: dict = {}
+    ests: dict = {}
+    active = list(ends)
+    t = 0
+    # the first chunk also multiplies each end's guard vector: the holdout checks the
+    # subsample's order (an extreme eigenvector that is weakly represented in S can be
+    # S's guard rather than its extreme)
+    guards = {e: found[e][4][3].to(H.device, H.dtype) for e in ends
+              if found[e][4] is not None and len(found[e][4]) > 3}
+    t_next = min(rest, max(m, 512))
+    affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / (len(ends) + len(guards)))
+    t_next = max(min(t_next, affordable), min(rest, 64))
+    group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
+    ctx.overturned.clear()
+    while True:
+        T = H.batches.subset(perm[m + t:m + t_next])
+        HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
+        ctx.costs.append(HT.cost)
+        rows = [vectors[e] for e in active] + ([g / g.norm() for g in guards.values()] if t == 0 else [])
+        part = HT.holdout_statistics(torch.stack(rows), group_size=group)
+        for j, e in enumerate(active):
+            if e in accs:
+                accs[e].merge(part.row(j))
+            else:
+                accs[e] = part.row(j)
+            ests[e] = holdout_estimate(accs[e], 0, found[e][0], found[e][2], m, N)
+        if t == 0:
+            for j, e in enumerate(guards, start=len(active)):
+                g = holdout_estimate(part.row(j), 0, found[e][4][0], found[e][4][1], m, N)
+                if _overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
+                    ctx.overturned.add(e)
+        t = t_next
+        if t >= rest:
+            return ests
+        wants, two_sided = {}, set()
+        for e in active:
+            est = ests[e]
+            interval, _, _ = _level_interval(ctx, e, found[e], est, m)
+            half = (interval[1] - interval[0]) / 2
+            target = _target(ctx, e, est.value, found, done)
+            if half <= target:
+                continue
+            if spend_all:
+                wants[e] = rest
+                if math.isfinite(half):
+                    two_sided.add(e)
+                continue
+            room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
+            if room >= 0.2 * target:  # else S is too small: no holdout helps
+                wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
+        active = [e for e in active if wants.get(e, 0) > t]
+        if spend_all and two_sided:
+            active = [e for e in active if e in two_sided]
+        if not active:
+            return ests
+        t_new = min(rest, max(2 * t, int(1.1 * max(wants[e] for e in active))))
+        if t_new > 0.6 * rest:
+            t_new = rest
+        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(active))
+        t_new = min(t_new, affordable)
+        if t_new <= t + 1:
+            return ests
+        t_next = t_new
+
+
+def _overturns(end: str, extreme, guard, z: float) -> bool:
+    """Whether the holdout puts the subsample's guard vector beyond its extreme one.
+
+    For ``lambda_min``: the guard's unbiased Rayleigh quotient is below the extreme's by
+    more than ``z`` standard errors of the difference.  Then ``lambda_min`` is below the
+    guard's quotient (Courant-Fischer) and the subsample's extreme pair is not the full
+    data's: the outward bounds built on it (subsample extreme, Kato-Temple) do not hold.
+    """
+    gap = extreme.value - guard.value if end == "min" else guard.value - extreme.value
+    return gap > z * math.hypot(extreme.se, guard.se)

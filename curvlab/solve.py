@@ -1,0 +1,292 @@
+"""The exact solve stage of :func:`curvlab.extremes` and what all stages share.
+
+* :class:`_Context`: the full operator, tolerances, budget and trace of one call;
+* :func:`_solve_ends`: extreme Ritz pairs of an operator (all data or a subsample)
+  for the wanted ends, each with its guard pair, from a start with a random
+  component; with a curvature approximation, its starts and preconditioner;
+* :func:`_exact`: all-data Lanczos and its intervals (Courant-Fischer, residual
+  norms, the working precision's measured rounding).
+
+Ends are named ``"max"`` and ``"min"`` everywhere inside curvlab; the public
+``which`` (``"LA"``, ``"SA"``, ``"both"``, scipy's names) is translated once, by
+:func:`_ends_of`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from .hvp import Cost, HessianOperator
+from .lanczos import lanczos
+
+
+def _hvp_samples(cost: Cost) -> float:
+    """Per-sample HVP equivalents of a cost counter (statistics count half)."""
+    return cost.samples + cost.grad_samples / 2
+
+
+@dataclass
+class _Context:
+    """What the solve stages share: the full operator, tolerances, budget, trace."""
+
+    H: HessianOperator
+    which: str
+    tol: float
+    tol_min: float
+    floor: float
+    max_hvps: float
+    max_basis: int
+    seed: int
+    bar: object
+    callback: Optional[Callable]
+    z: float
+    costs: List[Cost] = field(default_factory=list)
+    history: List[dict] = field(default_factory=list)
+    approx: object = None  # a curvature approximation (curvlab.curvature), or None
+    approx_vectors: Optional[Tensor] = None
+    approx_shift: float = 0.0
+    overturned: set = field(default_factory=set)  # ends whose subsample order the holdout reversed
+
+    def spent(self) -> float:
+        """Full-data HVP equivalents spent so far."""
+        return sum(_hvp_samples(c) for c in self.costs + [self.H.cost]) / self.H.num_samples
+
+    def step(self, entry: dict, scale: float) -> None:
+        """Record one solver step (``scale``: samples per product over N)."""
+        entry = dict(entry, hvps=self.spent())
+        self.history.append(entry)
+        if self.bar is not None:
+            self.bar.update(max(0.0, round(entry["hvps"], 2) - self.bar.n))
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k.startswith("lambda")})
+        if self.callback is not None:
+            self.callback(entry)
+
+
+def _ends_of(which: str) -> List[str]:
+    return {"both": ["min", "max"], "SA": ["min"], "LA": ["max"]}[which]
+
+
+def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict,
+                tol_scale: float, budget_hvps: float, k: int = 2) -> dict:
+    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged, next)}``.
+
+    ``next`` is ``(theta_2, residual_2, converged_2, vector_2)``, the next Ritz pair inward at
+    that end (the *guard*).  An end counts as converged only when its extreme pair **and** its guard
+    met the tolerance: a residual bound ``||H v - theta v||`` places *an* eigenvalue near
+    ``theta``, and where the end is clustered a Ritz vector that mixes the two outermost
+    eigenvectors passes a loose residual test long before it has found the extreme one.
+    Asking for the guard to settle too keeps the Krylov space growing until the cluster's
+    outer members are resolved (the extreme converges first, as its polynomial
+    amplification is the largest).
+
+    Start vectors (a warm start, or an approximation's candidates) never start the
+    search alone: a random unit vector is added to them (:func:`_start_vector`).  A warm
+    start that is (close to) an interior eigenvector represents the extreme one weakly or
+    not at all, and a Krylov space from it alone would settle on that interior
+    eigenvalue.  With no start vector, one random vector starts the run.
+
+    Without an approximation: one Lanczos run for both ends.  With one
+    (``ctx.approx``): ``lambda_max`` by Lanczos started from the sum of the
+    approximation's top eigenvectors (and the warm-start vector) plus the random
+    component, ``lambda_min`` by LOBPCG
+    preconditioned with ``(C + delta I)^{-1}`` (see :func:`_precond_shift`), whose vectors
+    then start a Lanczos run with a random row that gives the answer: a preconditioned
+    LOBPCG can settle on an interior eigenpair of the Hessian (the preconditioner's basin),
+    and only a Krylov space with a generic component shows that something lies beyond it.
+    """
+    frac = op.num_samples / ctx.H.num_samples
+    max_matvecs = max(2, int(budget_hvps / frac))
+    tols = (ctx.tol_min * tol_scale, ctx.tol * tol_scale)
+    k = max(k, 2)  # the extreme pair and its guard
+    common = dict(floor=ctx.floor * tol_scale, dtype=op.dtype, device=op.device, seed=ctx.seed,
+                  callback=lambda e: ctx.step(e, frac))
+    out = {}
+
+    def run(which: str, rows: list, budget: int):
+        """Lanczos from the known rows plus a random one (:func:`_start_vector`)."""
+        return lanczos(op.matvec, op.n, which=which, k=k, v0=_start_vector(rows, op, ctx.seed),
+                       tol=tols, max_matvecs=max(budget, 2), max_basis=ctx.max_basis, **common)
+
+    pairs = {"min": (0, 1), "max": (-1, -2)}
+    if ctx.approx is None:
+        which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
+        # one Krylov space serves both ends, from the known vectors plus a random one
+        res = run(which, [start[e] for e in ends if e in start], max_matvecs)
+        for e in ends:
+            out[e] = _pair(res, *pairs[e])
+        return out
+    from .lobpcg import lobpcg
+
+    share = max_matvecs // len(ends)
+    if "max" in ends:
+        rows = ([start["max"]] if "max" in start else []) + list(ctx.approx_vectors.to(op.device, op.dtype))
+        out["max"] = _pair(run("LA", rows, share), *pairs["max"])
+    if "min" in ends:
+        delta = ctx.approx_shift
+        X0 = start["min"][None] if "min" in start else None
+        left = max_matvecs - (share if "max" in ends else 0)
+        # LOBPCG gets half of what is left; its vectors start the Lanczos run that answers
+        res = lobpcg(op.matvec, op.n, which="SA", k=k, X0=X0,
+                     precond=lambda V: ctx.approx.inverse(V, delta), tol=tols[0],
+                     max_matvecs=max(2 * k, left // 2), **common)
+        res = run("SA", [res.vectors[0]], left - res.matvecs)
+        out["min"] = _pair(res, *pairs["min"])
+    return out
+
+
+def _random_row(op: HessianOperator, seed: int) -> Tensor:
+    """A unit Gaussian row ``(1, n)`` seeded by ``seed`` (independent of the solver's own)."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    row = torch.randn(1, op.n, generator=g, dtype=torch.float64)
+    return (row / row.norm()).to(op.device, op.dtype)
+
+
+def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
+    """``unit(sum of the unit rows) + random unit row``, or ``None`` without rows.
+
+    The random half keeps every eigenvector's component generic: a Krylov space from
+    ``u + g`` contains ``(H - lambda I) K(H, g)`` for an eigenvector ``u`` of ``lambda``,
+    so a start vector that is an interior eigenvector costs one step and hides nothing,
+    while one near the wanted extreme still shortens the run.
+    """
+    if not rows:
+        return None
+    known = torch.stack([r.reshape(-1).to(op.device, op.dtype) for r in rows])
+    known = known / known.norm(dim=1, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
+    v = known.sum(0)
+    v = v / v.norm() if float(v.norm()) > 0 else known[0]
+    return v + _random_row(op, seed)[0]
+
+
+def _pair(res, i: int, j: int) -> tuple:
+    """``(theta, vector, residual, converged, next)`` of a solver result's pair ``i``.
+
+    ``next`` is the guard pair ``j``, ``(theta, residual, converged, vector)`` (``None`` when
+    the result holds a single pair, a one-dimensional problem).  ``converged`` requires the
+    guard's convergence too.
+    """
+    m = res.values.numel()
+    jj = j % m if m > 1 else None
+    nxt = None
+    conv = bool(res.converged[i])
+    if jj is not None and jj != i % m:
+        nxt = (float(res.values[jj]), float(res.residual_norms[jj]), bool(res.converged[jj]),
+               res.vectors[jj])
+        conv = conv and nxt[2]
+    return (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, nxt)
+
+
+def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
+    """Build the curvature approximation on ``samples`` samples and its top eigenpairs."""
+    from .curvature import build_curvature
+
+    H = ctx.H
+    cost = Cost()
+    ctx.costs.append(cost)
+    options = {"max_matvecs": 8 * rank + 20} if name == "ggn" else {}  # keep its own Lanczos cheap
+    approx = build_curvature(name, H.fmodel, H.loss_fn, H.batches, max_samples=samples,
+                             seed=ctx.seed, cost=cost, **options)
+    rank = min(rank, H.n)
+    values, vectors = approx.top_eigenpairs(rank)
+    ctx.approx, ctx.approx_vectors = approx, vectors
+    ctx.approx_shift = _precond_shift(values, ctx.floor)
+
+
+def _precond_shift(values: Tensor, floor: float) -> float:
+    """The damping ``delta`` of the preconditioner ``(C + delta I)^{-1}`` for ``lambda_min``.
+
+    ``values`` are the approximation's ``k`` largest eigenvalues (descending).
+    Directions that ``C`` resolves (its outliers) are mapped near 1 and the rest
+    are scaled by ``1/delta``; with ``delta`` = the smallest resolved eigenvalue
+    ``values[-1]`` (the edge below which ``C`` is treated as flat), the top of
+    the Hessian's spectrum is compressed to about 1 while the near-zero end,
+    where ``lambda_min`` lives, is spread by ``1/delta``: the relative gap that
+    governs convergence grows from ``|lambda_min| / lambda_max`` to about
+    ``|lambda_min| / delta``.  Kept above ``floor * values[0]`` so that ``C +
+    delta I`` stays well conditioned.
+    """
+    top = float(values[0])
+    return max(float(values[-1]), floor * top, 1e-12 * max(top, 1.0))
+
+
+def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None) -> dict:
+    """Full-data Lanczos; intervals from Courant-Fischer, residual norms and rounding.
+
+    A converged end (its guard pair converged too, see :func:`_solve_ends`) gets
+    ``(theta - slack, theta + res + slack)`` for ``lambda_max`` and
+    ``(theta - res - slack, theta + slack)`` for ``lambda_min``, where ``slack`` is the
+    arithmetic's own error (:func:`_rounding_slack`).  An end that did not converge
+    (budget) keeps its inward side only: its outward side is open, since a residual
+    bound certifies *an* eigenvalue near ``theta``, not the extreme one.
+    """
+    ends = ends or _ends_of(ctx.which)
+    budget = ctx.max_hvps - ctx.spent()
+    found = _solve_ends(ctx, H, ends, v0, 1.0, budget)
+    scale = max(abs(f[0]) for f in found.values())
+    slack = _rounding_slack(ctx, H, {e: f[1] for e, f in found.items()}, scale)
+    out = {}
+    for end, (theta, vec, res, conv, _) in found.items():
+        s = slack[end] + H.n ** 0.5 * _unit_roundoff(H.dtype) * (abs(theta) + 1e-3 * scale)
+        if end == "max":
+            interval = (theta - s, theta + res + s if conv else math.inf)
+        else:
+            interval = (theta - res - s if conv else -math.inf, theta + s)
+        out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv, solver=res + s,
+                        sampling=0.0)
+    return out
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: float,
+                    probe: int = 32) -> dict:
+    """Rounding error of the working precision's products along ``vectors``, measured.
+
+    The residual norm bounds the distance from a Ritz value to an eigenvalue of the
+    operator *as computed*; in float32 the products themselves differ from the exact
+    Hessian's by rounding (``||H_32 v - H v||``), which a tight residual does not see.
+    This compares the products of each vector on the first ``probe`` samples in the
+    working precision and in float64 and returns, per end, three times that difference
+    (a Rayleigh quotient moves by at most ``||E v||``, a residual by as much again; the
+    factor covers batches whose curvature is larger than the probe's).  In float64 it is
+    ``0`` (the caller's ``sqrt(n) u |theta|`` term covers it).  Cost: ``3 * probe / N``
+    HVPs per vector (float64 counted double), counted; when the budget cannot pay it, the
+    a-priori bound ``sqrt(n) u scale`` (``scale``: the largest ``|theta|``) is used instead.
+    """
+    if H.dtype == torch.float64 or not vectors:
+        return {e: 0.0 for e in vectors}
+    if ctx.spent() + 3 * len(vectors) * probe / H.num_samples > ctx.max_hvps:
+        return {e: H.n ** 0.5 * _unit_roundoff(H.dtype) * scale for e in vectors}
+    V = torch.stack([v.reshape(-1) for v in vectors.values()]).to(H.device, H.dtype)
+    V = V / V.norm(dim=1, keepdim=True)
+    # per vector the difference, then the ranks that measured and their samples: summed over
+    # ranks (each probes its own first batch), so that every rank gets the same slack and cost
+    out = torch.zeros(len(V) + 2, dtype=torch.float64, device=H.device)
+
+    def measure():
+        batch = next(iter(H.parallel.local), None)
+        if batch is None:
+            return
+        x, y = batch
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            x, y = x[:probe], y[:probe]
+        work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
+                               distributed=False)
+        ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
+                              dtype=torch.float64, device=H.device, distributed=False,
+                              output_fn=H.fmodel.output_fn)
+        out[:-2] = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+        out[-2:] = torch.tensor([1.0, work.num_samples], dtype=torch.float64)
+
+    H.parallel.sum_(measure, out)
+    cost = Cost(samples=3 * len(V) * int(out[-1]), passes=2)  # float64 products count double
+    ctx.costs.append(cost)
+    diff = out[:-2] / out[-2].clamp_min(1.0)
+    return {e: 3.0 * float(d) for e, d in zip(vectors, diff)}
