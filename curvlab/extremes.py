@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .data import check_keys
 from .functional import FunctionalModel, check_dtype, evaluation_mode
 from .hvp import METHODS, HessianOperator
-from .multilevel import _multilevel, _warm_sizes
+from .multilevel import POLICY, _multilevel, _warm_sizes
 from .solve import _attach_approximation, _Context, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
@@ -366,7 +366,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         m0 = _warm_sizes(init, N, which, sample_size)
         regime = sampling
         if sampling == "auto":
-            regime = "exact" if N <= 4 * m0 else "multilevel"
+            regime = "exact" if N <= POLICY.exact_factor * m0 else "multilevel"
         bar = _progress_bar(progress, max_hvps)
         ctx = _Context(H=H, which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                        max_basis=max_basis, seed=seed, bar=bar, callback=callback,

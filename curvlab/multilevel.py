@@ -7,6 +7,7 @@ statistics it rests on (holdout Rayleigh quotients, Kato-Temple bounds).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -14,9 +15,73 @@ from torch import Tensor
 
 from .hvp import HessianOperator
 from .sampling import extreme_interval, holdout_estimate, holdout_size_for, kato_temple_interval
-from .solve import _Context, _ends_of, _exact, _solve_ends
+from .solve import EndPair, _Context, _ends_of, _exact, _solve_ends
 
-DEFAULT_SAMPLE = 2048
+
+@dataclass(frozen=True)
+class MultilevelPolicy:
+    """The multilevel regime's constants, in one place (the defaults are what every
+    figure in BENCHMARKS.md was measured with).
+
+    Attributes:
+        first_size: the first subsample size when neither ``sample_size`` nor a warm
+            start says otherwise.
+        exact_factor: ``sampling="auto"`` solves exactly when ``N <= exact_factor *
+            first size`` (subsampling cannot save much there).
+        search_tol: a subsample search runs to this fraction of the tolerance (its
+            error then leaves room for the holdout's).
+        search_budget: the share of the remaining budget a search may spend.
+        level_products: products on ``S`` a level must afford, beside
+            ``chunk_products`` per end for the first holdout chunk; under a tight
+            budget the subsample shrinks to fit.
+        chunk_products: see ``level_products``.
+        min_size: the smallest subsample a tight budget shrinks a level to.
+        min_growth, max_growth: the next level's size is ``min_growth`` to
+            ``max_growth`` times the last (levels are warm starts: none is skipped on
+            a prediction); the exact stage follows once it would pass ``N / 2``.
+        exact_products: products per end the exact stage needs to improve on the last
+            level's intervals; with less left the call stops there.
+        holdout_share: the share of an end's target half-width left to the holdout's
+            sampling error when the next subsample size is predicted.
+        first_chunk, min_chunk: the first holdout chunk is ``max(m, first_chunk)``
+            samples, at least ``min_chunk`` however tight the budget.
+        groups, max_group: holdout products are taken in about ``groups`` groups of
+            at most ``max_group`` samples in the first chunk (their spread gives the
+            standard errors).
+        min_room: an end whose sampling room is below this fraction of its target
+            needs a larger subsample, not a larger holdout.
+        room_use, chunk_margin: a holdout aims at ``room_use`` of that room, and asks
+            ``chunk_margin`` times the size the prediction gives.
+        all_rest: a holdout that would take more than this share of the samples
+            outside ``S`` takes all of them.
+        settle_noise: a subsample pair that missed the solver's tolerance is still
+            trusted when its residual is below this fraction of the sampling spread.
+    """
+
+    first_size: int = 2048
+    exact_factor: int = 4
+    search_tol: float = 0.5
+    search_budget: float = 0.5
+    level_products: int = 12
+    chunk_products: int = 2
+    min_size: int = 64
+    min_growth: int = 2
+    max_growth: int = 4
+    exact_products: int = 2
+    holdout_share: float = 0.4
+    first_chunk: int = 512
+    min_chunk: int = 64
+    groups: int = 32
+    max_group: int = 256
+    min_room: float = 0.2
+    room_use: float = 0.9
+    chunk_margin: float = 1.1
+    all_rest: float = 0.6
+    settle_noise: float = 0.1
+
+
+POLICY = MultilevelPolicy()
+DEFAULT_SAMPLE = POLICY.first_size
 
 
 def _multilevel(ctx: _Context, v0, m: int):
@@ -68,7 +133,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         if remaining <= 0:
             break
         if 2 * m > N:
-            if last and remaining < 2 * len(todo):
+            if last and remaining < POLICY.exact_products * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals
             for end, entry in _exact(ctx, H, start, todo).items():
                 done[end] = _keep_level_bounds(end, entry, last.get(end))
@@ -77,20 +142,21 @@ def _multilevel(ctx: _Context, v0, m: int):
         # a level should fit the budget left: a dozen products on S and a first holdout
         # chunk of m per end; under a tight budget the subsample shrinks to fit (a warm
         # start's vectors then get a few Krylov steps rather than none)
-        fit = int(remaining * N / (12 + 2 * len(todo)))
+        fit = int(remaining * N / (POLICY.level_products + POLICY.chunk_products * len(todo)))
         if fit < m:
-            if last and fit < 2 * m_used:
+            if last and fit < POLICY.min_growth * m_used:
                 break  # a level that fits would not be larger than the last one
-            m = max(fit, min(64, N // 2))
+            m = max(fit, min(POLICY.min_size, N // 2))
         # the last level the budget allows: the next, at least 2m, would not fit even with
         # all that is left now, and no exact stage can follow (the next size, at most 4m,
         # stays within N/2, or too little is left for the exact stage to run): its holdout
         # may spend everything left
-        final = fit < 2 * m and (8 * m <= N or remaining < 2 * len(todo))
+        final = fit < POLICY.min_growth * m and (2 * POLICY.max_growth * m <= N
+                                                 or remaining < POLICY.exact_products * len(todo))
         S = H.batches.subset(perm[:m])
         HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
         ctx.costs.append(HS.cost)
-        found = _solve_ends(ctx, HS, todo, start, 0.5, 0.5 * remaining, k=2)
+        found = _solve_ends(ctx, HS, todo, start, POLICY.search_tol, POLICY.search_budget * remaining, k=2)
         ests = _certify(ctx, perm, m, found, todo, done, spend_all=final)
         level = {"sample_size": m, "ends": {}}
         need = m
@@ -125,7 +191,7 @@ def _multilevel(ctx: _Context, v0, m: int):
         levels.append(level)
         m_used = m
         todo = [e for e in todo if e not in done]
-        start = {e: found[e][1] for e in todo}
+        start = {e: found[e].vector for e in todo}
         m = need
     for end in todo:  # budget spent: the last intervals, not converged
         if end in last:
@@ -172,7 +238,7 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     return init.levels[-1]["sample_size"] if init.levels else DEFAULT_SAMPLE
 
 
-def _excesses(ctx: _Context, end: str, pair: tuple, est, m: int) -> tuple[float, float]:
+def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[float, float]:
     """Outward bounds beyond the Rayleigh quotient: ``(subsample bound, Kato-Temple)``.
 
     For ``lambda_max`` the interval is ``(r - s, min(r + e_stat, r + s + e_kt))``
@@ -180,7 +246,7 @@ def _excesses(ctx: _Context, end: str, pair: tuple, est, m: int) -> tuple[float,
     the holdout, ``e_kt = res^2 / gap`` (``inf`` without a gap) comes on top of
     ``s``.  Mirrored for ``lambda_min``.
     """
-    theta, _, res, _, _ = pair
+    theta, res = pair.theta, pair.residual
     N = ctx.H.num_samples
     se = ctx.z * est.se
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
@@ -202,7 +268,7 @@ def _sampling_room(e_stat: float, e_kt: float, target: float) -> float:
     return room
 
 
-def _next_size(ctx: _Context, end: str, pair: tuple, est, target: float, m: int) -> int:
+def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: int) -> int:
     """Subsample size at which ``end``'s interval should meet ``target``.
 
     The subsample bound's excess shrinks like ``1/sqrt(m)`` (its spread and the
@@ -217,19 +283,21 @@ def _next_size(ctx: _Context, end: str, pair: tuple, est, target: float, m: int)
     """
     N = ctx.H.num_samples
     e_stat, e_kt = _excesses(ctx, end, pair, est, m)
-    want = m * (max(e_stat, 0.0) / (1.6 * target)) ** 2
+    # half-widths (e_stat + s) / 2 and s + e_kt / 2 within target, with s = holdout_share * target
+    share = POLICY.holdout_share
+    want = m * (max(e_stat, 0.0) / (2 * (1 - share / 2) * target)) ** 2
     if math.isfinite(e_kt):
-        want = min(want, m * max(e_kt, 0.0) / (1.2 * target))
-    return int(min(N, 4 * m, max(2 * m, math.ceil(want))))
+        want = min(want, m * max(e_kt, 0.0) / (2 * (1 - share) * target))
+    return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
     """Half-width wanted for ``end``: its tolerance, or the floor relative to ``lambda_max``."""
-    top = found["max"][0] if "max" in found else done.get("max", {}).get("value", 0.0)
+    top = found["max"].theta if "max" in found else done.get("max", {}).get("value", 0.0)
     return max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre), ctx.floor * abs(top))
 
 
-def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
+def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     """Interval of one end at a level: ``(interval, kato_temple, kato_temple_binds)``.
 
     The outward side is the tighter of the subsample bound
@@ -244,20 +312,20 @@ def _level_interval(ctx: _Context, end: str, pair: tuple, est, m: int):
     has not); Kato-Temple needs the next pair settled too.  Otherwise that side
     is infinite.
     """
-    theta, _, res, conv, nxt = pair
+    theta, _, res, conv, nxt = pair  # nxt: the guard
     N = ctx.H.num_samples
     inf = math.inf if end == "max" else -math.inf
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
     # a pair that missed the solver's tolerance is still trusted when its residual is
     # far below the sampling spread (the tolerance could not change the interval)
-    noise = 0.1 * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    noise = POLICY.settle_noise * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
     settled = (conv or res <= noise) and end not in ctx.overturned
     if not settled:
         stat = (stat[0], inf) if end == "max" else (inf, stat[1])
-    if nxt is None or not settled or not (nxt[2] or nxt[1] <= noise):
+    if nxt is None or not settled or not (nxt.converged or nxt.residual <= noise):
         neighbour = inf
     else:
-        neighbour = nxt[0] + nxt[1] if end == "max" else nxt[0] - nxt[1]
+        neighbour = nxt.theta + nxt.residual if end == "max" else nxt.theta - nxt.residual
     kt = kato_temple_interval(end, est, ctx.z, neighbour)
     if end == "max":
         return (stat[0], min(stat[1], kt[1])), kt, kt[1] < stat[1]
@@ -285,7 +353,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     """
     H, N = ctx.H, ctx.H.num_samples
     rest = N - m
-    vectors = {e: found[e][1].to(H.device, H.dtype) for e in ends}
+    vectors = {e: found[e].vector.to(H.device, H.dtype) for e in ends}
     vectors = {e: v / v.norm() for e, v in vectors.items()}
     accs: dict = {}
     ests: dict = {}
@@ -294,12 +362,11 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     # the first chunk also multiplies each end's guard vector: the holdout checks the
     # subsample's order (an extreme eigenvector that is weakly represented in S can be
     # S's guard rather than its extreme)
-    guards = {e: found[e][4][3].to(H.device, H.dtype) for e in ends
-              if found[e][4] is not None and len(found[e][4]) > 3}
-    t_next = min(rest, max(m, 512))
+    guards = {e: found[e].guard.vector.to(H.device, H.dtype) for e in ends if found[e].guard is not None}
+    t_next = min(rest, max(m, POLICY.first_chunk))
     affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / (len(ends) + len(guards)))
-    t_next = max(min(t_next, affordable), min(rest, 64))
-    group = max(1, min(256, t_next // 32))  # about 32 groups in the first chunk
+    t_next = max(min(t_next, affordable), min(rest, POLICY.min_chunk))
+    group = max(1, min(POLICY.max_group, t_next // POLICY.groups))
     ctx.overturned.clear()
     while True:
         T = H.batches.subset(perm[m + t:m + t_next])
@@ -312,10 +379,10 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
                 accs[e].merge(part.row(j))
             else:
                 accs[e] = part.row(j)
-            ests[e] = holdout_estimate(accs[e], 0, found[e][0], found[e][2], m, N)
+            ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N)
         if t == 0:
             for j, e in enumerate(guards, start=len(active)):
-                g = holdout_estimate(part.row(j), 0, found[e][4][0], found[e][4][1], m, N)
+                g = holdout_estimate(part.row(j), 0, found[e].guard.theta, found[e].guard.residual, m, N)
                 if _overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
                     ctx.overturned.add(e)
         t = t_next
@@ -335,15 +402,15 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
                     two_sided.add(e)
                 continue
             room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
-            if room >= 0.2 * target:  # else S is too small: no holdout helps
-                wants[e] = holdout_size_for(est, ctx.z, 0.9 * room, m, N)
+            if room >= POLICY.min_room * target:  # else S is too small: no holdout helps
+                wants[e] = holdout_size_for(est, ctx.z, POLICY.room_use * room, m, N)
         active = [e for e in active if wants.get(e, 0) > t]
         if spend_all and two_sided:
             active = [e for e in active if e in two_sided]
         if not active:
             return ests
-        t_new = min(rest, max(2 * t, int(1.1 * max(wants[e] for e in active))))
-        if t_new > 0.6 * rest:
+        t_new = min(rest, max(2 * t, int(POLICY.chunk_margin * max(wants[e] for e in active))))
+        if t_new > POLICY.all_rest * rest:
             t_new = rest
         affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(active))
         t_new = min(t_new, affordable)

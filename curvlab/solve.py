@@ -16,13 +16,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .hvp import Cost, HessianOperator
 from .lanczos import lanczos
+
+
+class Guard(NamedTuple):
+    """The next Ritz pair inward at an end: its convergence is the extreme pair's safeguard."""
+
+    theta: float
+    residual: float
+    converged: bool
+    vector: Tensor
+
+
+class EndPair(NamedTuple):
+    """What a solve found at one end (``"max"`` or ``"min"``) of an operator's spectrum.
+
+    ``converged`` is the extreme pair's **and** its guard's convergence; ``guard`` is
+    ``None`` only when the operator has a single eigenvalue (``n = 1``).
+    """
+
+    theta: float
+    vector: Tensor
+    residual: float
+    converged: bool
+    guard: Optional[Guard]
 
 
 def _hvp_samples(cost: Cost) -> float:
@@ -73,10 +96,10 @@ def _ends_of(which: str) -> List[str]:
 
 def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict,
                 tol_scale: float, budget_hvps: float, k: int = 2) -> dict:
-    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: (theta, vector, residual, converged, next)}``.
+    """Extreme Ritz pairs of ``op`` for ``ends``: ``{end: EndPair}``.
 
-    ``next`` is ``(theta_2, residual_2, converged_2, vector_2)``, the next Ritz pair inward at
-    that end (the *guard*).  An end counts as converged only when its extreme pair **and** its guard
+    :class:`EndPair` holds the extreme Ritz pair and the next one inward at that end
+    (the :class:`Guard`).  An end counts as converged only when its extreme pair **and** its guard
     met the tolerance: a residual bound ``||H v - theta v||`` places *an* eigenvalue near
     ``theta``, and where the end is clustered a Ritz vector that mixes the two outermost
     eigenvectors passes a loose residual test long before it has found the extreme one.
@@ -163,22 +186,16 @@ def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
     return v + _random_row(op, seed)[0]
 
 
-def _pair(res, i: int, j: int) -> tuple:
-    """``(theta, vector, residual, converged, next)`` of a solver result's pair ``i``.
-
-    ``next`` is the guard pair ``j``, ``(theta, residual, converged, vector)`` (``None`` when
-    the result holds a single pair, a one-dimensional problem).  ``converged`` requires the
-    guard's convergence too.
-    """
+def _pair(res, i: int, j: int) -> EndPair:
+    """The :class:`EndPair` of a solver result's pair ``i`` with guard pair ``j``."""
     m = res.values.numel()
-    jj = j % m if m > 1 else None
-    nxt = None
+    guard = None
     conv = bool(res.converged[i])
-    if jj is not None and jj != i % m:
-        nxt = (float(res.values[jj]), float(res.residual_norms[jj]), bool(res.converged[jj]),
-               res.vectors[jj])
-        conv = conv and nxt[2]
-    return (float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, nxt)
+    if m > 1 and j % m != i % m:
+        guard = Guard(float(res.values[j]), float(res.residual_norms[j]), bool(res.converged[j]),
+                      res.vectors[j])
+        conv = conv and guard.converged
+    return EndPair(float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, guard)
 
 
 def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
@@ -227,8 +244,8 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     ends = ends or _ends_of(ctx.which)
     budget = ctx.max_hvps - ctx.spent()
     found = _solve_ends(ctx, H, ends, v0, 1.0, budget)
-    scale = max(abs(f[0]) for f in found.values())
-    slack = _rounding_slack(ctx, H, {e: f[1] for e, f in found.items()}, scale)
+    scale = max(abs(f.theta) for f in found.values())
+    slack = _rounding_slack(ctx, H, {e: f.vector for e, f in found.items()}, scale)
     out = {}
     for end, (theta, vec, res, conv, _) in found.items():
         s = slack[end] + H.n ** 0.5 * _unit_roundoff(H.dtype) * (abs(theta) + 1e-3 * scale)
