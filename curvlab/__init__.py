@@ -16,10 +16,10 @@ from .data import as_batches
 from .extremes import CURVATURES, CostRecord, ExtremesResult, extremes
 from .functional import FunctionalModel, ParamSpec, evaluation_mode
 from .hvp import HessianOperator
-from .lanczos import LanczosResult, lanczos
+from .lanczos import EigenResult, LanczosResult, lanczos
 
 __all__ = [
-    "extremes", "CURVATURES", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "LanczosResult",
+    "extremes", "CURVATURES", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "EigenResult", "LanczosResult",
     "FunctionalModel", "ParamSpec", "evaluation_mode", "as_batches",
 ]
 __version__ = "0.1.0"

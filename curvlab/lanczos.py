@@ -41,20 +41,22 @@ i.e. no digits at all; ``atol`` only matters when ``lambda_min`` is (near) zero.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["lanczos", "LanczosResult", "orthonormalize"]
+__all__ = ["lanczos", "EigenResult", "LanczosResult", "orthonormalize"]
 
 WHICH = ("LA", "SA", "both")
 
 
 @dataclass(frozen=True)
-class LanczosResult:
-    """Ritz pairs at the wanted end(s), ascending by value.
+class EigenResult:
+    """Ritz pairs at the wanted end(s), ascending by value: what every curvlab solver
+    (:func:`lanczos`, :func:`curvlab.lobpcg.lobpcg`) returns.
 
     For ``which="both"`` and ``k`` pairs per end, the first ``k`` entries are the
     smallest Ritz values and the last ``k`` the largest.
@@ -83,6 +85,9 @@ class LanczosResult:
     @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
+
+
+LanczosResult = EigenResult  # the name before the solvers shared one result type
 
 
 def orthonormalize(W: Tensor, basis: Optional[Tensor] = None, *, passes: int = 2,
@@ -116,11 +121,12 @@ def _random_block(b: int, n: int, like: Tensor, generator: torch.Generator) -> T
 
 
 def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", k: int = 1,
-            v0: Optional[Tensor] = None, block_size: Optional[int] = None,
-            tol: float | tuple[float, float] = 1e-3, atol: float = 0.0, floor: float = 0.0, max_matvecs: int = 500, max_basis: int = 60,
+            X0: Optional[Tensor] = None, block_size: Optional[int] = None,
+            tol: float | tuple[float, float] = 1e-3, atol: float = 0.0, floor: float = 0.0,
+            max_matvecs: int = 500, max_basis: int = 60,
             deflate: Optional[Tensor] = None, dtype: torch.dtype = torch.float32,
-            device=None, seed: int = 0, callback: Optional[Callable[[dict], None]] = None
-            ) -> LanczosResult:
+            device=None, seed: int = 0, callback: Optional[Callable[[dict], None]] = None,
+            v0: Optional[Tensor] = None) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
     Args:
@@ -128,8 +134,9 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         n: dimension.
         which: ``"LA"`` (largest), ``"SA"`` (smallest) or ``"both"``.
         k: pairs wanted at each wanted end.
-        v0: start vectors ``(n,)`` or ``(r, n)``; completed by random vectors to
-            ``block_size`` rows.  ``None``: random.
+        X0: start block ``(n,)`` or ``(r, n)``; completed by random vectors to
+            ``block_size`` rows.  ``None``: random.  (``v0``, its former name, still
+            works and warns.)
         block_size: rows multiplied per step (default: ``max(1, r)``).
         tol, atol, floor: stopping rule per wanted pair,
             ``||r|| <= max(tol * |theta|, atol, floor * max_i |theta_i|)``: relative to
@@ -145,7 +152,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         callback: called after every step with the step's history entry.
 
     Returns:
-        :class:`LanczosResult`.  Cost: ``result.matvecs`` products with ``A``.
+        :class:`EigenResult`.  Cost: ``result.matvecs`` products with ``A``.
 
     Example:
         >>> A = torch.diag(torch.arange(1., 101.))
@@ -155,6 +162,13 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if v0 is not None:
+        if X0 is not None:
+            raise TypeError("pass the start block as X0 only (v0 is its former name)")
+        warnings.warn("lanczos(v0=...) is deprecated: pass the start block as X0 (the name "
+                      "lobpcg uses too)", DeprecationWarning, stacklevel=2)
+        X0 = v0
+    v0 = X0
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if k < 1:
@@ -258,7 +272,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             restarts += 1
 
     values, vectors, res, conv = result
-    return LanczosResult(values=values.clone(), vectors=vectors, residual_norms=res.cpu(),
+    return EigenResult(values=values.clone(), vectors=vectors, residual_norms=res.cpu(),
                          converged=conv.cpu(), matvecs=matvecs, calls=calls, restarts=restarts,
                          history=history)
 

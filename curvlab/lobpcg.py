@@ -81,7 +81,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-from .lanczos import LanczosResult, orthonormalize
+from .lanczos import EigenResult, orthonormalize
 
 __all__ = ["lobpcg"]
 
@@ -91,9 +91,9 @@ WHICH = ("SA", "LA")
 def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: int = 1,
            X0: Optional[Tensor] = None, block_size: Optional[int] = None,
            precond: Optional[Callable[[Tensor], Tensor]] = None,
-           tol: float = 1e-3, atol: float = 0.0, floor: float = 0.0, max_matvecs: int = 500,
+           tol: float | tuple[float, float] = 1e-3, atol: float = 0.0, floor: float = 0.0, max_matvecs: int = 500,
            deflate: Optional[Tensor] = None, dtype: torch.dtype = torch.float32, device=None,
-           seed: int = 0, callback: Optional[Callable[[dict], None]] = None) -> LanczosResult:
+           seed: int = 0, callback: Optional[Callable[[dict], None]] = None) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by block preconditioned LOBPCG.
 
     Args:
@@ -128,7 +128,9 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
             end.  For ``"LA"`` ``T ~ (sigma I - A)^{-1}`` with ``sigma`` above
             ``lambda_max`` (the sign of ``T`` does not matter, only its shape).
         tol, atol, floor: stopping rule per wanted pair,
-            ``||r|| <= max(tol * |theta|, atol, floor * max_i |theta_i|)``.
+            ``||r|| <= max(tol * |theta|, atol, floor * max_i |theta_i|)``.  ``tol``
+            may be a pair ``(tol_smallest, tol_largest)`` as for
+            :func:`curvlab.lanczos.lanczos`; the one of ``which``'s end is used.
         max_matvecs: budget in vectors multiplied; the solver stops before a
             block that would exceed it (the start block must fit).
         deflate: orthonormal rows ``(d, n)`` whose span is excluded (see module doc).
@@ -140,7 +142,7 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
             (rows multiplied next) and ``"p_restarts"`` (so far).
 
     Returns:
-        :class:`~curvlab.lanczos.LanczosResult` with the ``k`` wanted pairs,
+        :class:`~curvlab.lanczos.EigenResult` with the ``k`` wanted pairs,
         ascending (``values`` float64, ``vectors (k, n)``, ``residual_norms``,
         ``converged``), ``matvecs``, ``calls`` and ``restarts=0``.  Cost:
         ``block_size`` products to start, then at most the number of active
@@ -159,6 +161,8 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(tol, (tuple, list)) and len(tol) == 2:  # (tol_smallest, tol_largest), as lanczos
+        tol = tol[0] if which == "SA" else tol[1]
     if not all(isinstance(t, (int, float)) for t in (tol, atol, floor)):
         raise TypeError(f"tol, atol and floor must be numbers, got {tol!r}, {atol!r}, {floor!r}")
     if min(tol, atol, floor) < 0 or tol == atol == floor == 0:
@@ -278,7 +282,7 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
     vecs, res_k, conv_k = X[:k], res[:k], conv[:k]
     if which == "LA":  # ascending order of A's eigenvalues
         vals, vecs, res_k, conv_k = vals.flip(0), vecs.flip(0), res_k.flip(0), conv_k.flip(0)
-    return LanczosResult(values=vals, vectors=vecs, residual_norms=res_k, converged=conv_k,
+    return EigenResult(values=vals, vectors=vecs, residual_norms=res_k, converged=conv_k,
                          matvecs=matvecs, calls=calls, restarts=0, history=history)
 
 

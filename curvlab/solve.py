@@ -132,7 +132,7 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
 
     def run(which: str, rows: list, budget: int):
         """Lanczos from the known rows plus a random one (:func:`_start_vector`)."""
-        return lanczos(op.matvec, op.n, which=which, k=k, v0=_start_vector(rows, op, ctx.seed),
+        return lanczos(op.matvec, op.n, which=which, k=k, X0=_start_vector(rows, op, ctx.seed),
                        tol=tols, max_matvecs=max(budget, 2), max_basis=ctx.max_basis, **common)
 
     pairs = {"min": (0, 1), "max": (-1, -2)}

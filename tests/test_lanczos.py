@@ -98,7 +98,7 @@ def test_block_start_from_exact_eigenvectors_converges_at_once():
     A, Q = sym_with_spectrum(ev, seed=6)
     imin, imax = int(ev.argmin()), int(ev.argmax())
     v0 = torch.stack([Q[:, imax], Q[:, imin]])
-    r = lanczos(op(A), A.shape[0], tol=1e-8, v0=v0, dtype=D)
+    r = lanczos(op(A), A.shape[0], tol=1e-8, X0=v0, dtype=D)
     assert r.calls == 1 and r.matvecs == 2 and r.all_converged
 
 
@@ -148,6 +148,29 @@ def test_wide_start_block_from_an_approximate_subspace():
     A, Q = sym_with_spectrum(torch.cat([top, 90 * torch.rand(594, generator=g, dtype=D)]), seed=9)
     approx = Q[:, :6].T + 0.005 * torch.randn(6, A.shape[0], generator=g, dtype=D)
     cold = lanczos(op(A), A.shape[0], which="LA", tol=1e-3, dtype=D)
-    warm = lanczos(op(A), A.shape[0], which="LA", tol=1e-3, dtype=D, v0=approx, block_size=1)
+    warm = lanczos(op(A), A.shape[0], which="LA", tol=1e-3, dtype=D, X0=approx, block_size=1)
     assert warm.all_converged and abs(float(warm.values[-1]) - 100.0) <= float(warm.residual_norms[-1])
     assert warm.matvecs <= 0.6 * cold.matvecs  # measured: 18 against 37
+
+
+def test_one_solver_contract():
+    # lanczos and lobpcg take the start block as X0, a tolerance per end, a budget in
+    # products, and return the same result type; lanczos's former v0 still works and warns
+    import warnings
+
+    from curvlab.lanczos import EigenResult, LanczosResult
+    from curvlab.lobpcg import lobpcg
+
+    A = torch.diag(torch.arange(1.0, 41.0, dtype=D))
+    x0 = torch.ones(40, dtype=D)
+    common = dict(which="SA", X0=x0, tol=(1e-8, 0.5), max_matvecs=200, dtype=D)
+    r1, r2 = lanczos(op(A), 40, **common), lobpcg(op(A), 40, **common)
+    assert LanczosResult is EigenResult
+    assert isinstance(r1, EigenResult) and isinstance(r2, EigenResult)
+    for r in (r1, r2):  # the smallest end's tolerance (1e-8) was used, not the largest's
+        assert abs(float(r.values[0]) - 1.0) < 1e-7 and r.converged.all()
+    with pytest.warns(DeprecationWarning, match="X0"):
+        r3 = lanczos(op(A), 40, which="SA", v0=x0, tol=1e-8, dtype=D)
+    assert torch.equal(r3.values, lanczos(op(A), 40, which="SA", X0=x0, tol=1e-8, dtype=D).values)
+    with pytest.raises(TypeError, match="X0 only"):
+        lanczos(op(A), 40, v0=x0, X0=x0)
