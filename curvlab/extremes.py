@@ -399,7 +399,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     options = dict(which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                    max_basis=max_basis, seed=seed, method=H.method, curvature=curvature,
                    sampling=regime, confidence=confidence, dtype=str(fmodel.dtype),
-                   device=str(fmodel.device), warm_start=bool(v0))
+                   device=str(fmodel.device), warm_start=bool(v0), rounding=ctx.rounding)
     cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0)
     return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
                           sample_size=m_final, sample_sizes=sizes, error_parts=parts, levels=levels,

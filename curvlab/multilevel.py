@@ -191,7 +191,8 @@ def _multilevel(ctx: _Context, v0, m: int):
         levels.append(level)
         m_used = m
         todo = [e for e in todo if e not in done]
-        start = {e: found[e].vector for e in todo}
+        # an overturned end goes on from its guard vector (the better Rayleigh quotient)
+        start = {e: (found[e].guard.vector if e in ctx.overturned else found[e].vector) for e in todo}
         m = need
     for end in todo:  # budget spent: the last intervals, not converged
         if end in last:
@@ -209,7 +210,9 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
     outward side; the last subsample level's interval has a (statistical) outward side.
     Both hold, so the result is their intersection; the estimate stays the exact Ritz
     value (on the full data it errs by about ``residual^2 / gap``, far less than the
-    interval's width).  A converged exact end is returned as it is.
+    interval's width), moved into the interval when the few products the exact stage
+    could afford left it short of the level's inner side.  A converged exact end is
+    returned as it is.
     """
     if exact["converged"] or level is None:
         return exact
@@ -217,7 +220,8 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
     lo, hi = max(lo_e, lo_l), min(hi_e, hi_l)
     if lo > hi:  # the level's statistical bound is contradicted by the exact Ritz value
         lo, hi = (lo_e, hi_e)
-    return dict(exact, interval=(lo, hi), sampling=level["sampling"])
+    value = min(max(exact["value"], lo), hi)  # a Ritz value still below the level's inner side
+    return dict(exact, value=value, interval=(lo, hi), sampling=level["sampling"])
 
 
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
@@ -246,6 +250,8 @@ def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[floa
     the holdout, ``e_kt = res^2 / gap`` (``inf`` without a gap) comes on top of
     ``s``.  Mirrored for ``lambda_min``.
     """
+    if end in ctx.overturned:  # the subsample's bounds do not hold: only a larger S helps
+        return math.inf, math.inf
     theta, res = pair.theta, pair.residual
     N = ctx.H.num_samples
     se = ctx.z * est.se
@@ -288,6 +294,8 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     want = m * (max(e_stat, 0.0) / (2 * (1 - share / 2) * target)) ** 2
     if math.isfinite(e_kt):
         want = min(want, m * max(e_kt, 0.0) / (2 * (1 - share) * target))
+    if not math.isfinite(want):  # no bound on S holds (an overturned end): grow the most
+        return int(min(N, POLICY.max_growth * m))
     return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
 
 
@@ -305,12 +313,13 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     (:func:`curvlab.sampling.kato_temple_interval`, with the next eigenvalue
     taken as the subsample's next Ritz value moved outward by its residual: a
     heuristic, as the subsample's second eigenvalue is not a bound on the full
-    data's).  Both need the subsample's extreme pair to have settled: met the
-    solver's tolerance, or have a residual under a tenth of the sampling spread
-    (a residual bounds the distance to *an* eigenvalue, the extreme one only
-    once the Krylov space has found it: a search stopped early by the budget
-    has not); Kato-Temple needs the next pair settled too.  Otherwise that side
-    is infinite.
+    data's).  Both need the subsample's extreme pair **and its guard** to have
+    settled: met the solver's tolerance (the guard's convergence is part of the
+    pair's), or have residuals under a tenth of the sampling spread (a residual
+    bounds the distance to *an* eigenvalue, the extreme one only once the Krylov
+    space has found it: a search stopped early by the budget has not).  An end
+    whose guard the holdout put beyond its extreme (``ctx.overturned``,
+    :func:`_overturns`) has not settled either.  Otherwise that side is infinite.
     """
     theta, _, res, conv, nxt = pair  # nxt: the guard
     N = ctx.H.num_samples
@@ -319,10 +328,13 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     # a pair that missed the solver's tolerance is still trusted when its residual is
     # far below the sampling spread (the tolerance could not change the interval)
     noise = POLICY.settle_noise * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
-    settled = (conv or res <= noise) and end not in ctx.overturned
+    # (the guard must have settled too: a small residual alone may belong to the second
+    # eigenvalue of a cluster while the first is not yet in the Krylov space)
+    guard_settled = nxt is not None and (nxt.converged or nxt.residual <= noise)
+    settled = (conv or (res <= noise and guard_settled)) and end not in ctx.overturned
     if not settled:
         stat = (stat[0], inf) if end == "max" else (inf, stat[1])
-    if nxt is None or not settled or not (nxt.converged or nxt.residual <= noise):
+    if not settled or not guard_settled:
         neighbour = inf
     else:
         neighbour = nxt.theta + nxt.residual if end == "max" else nxt.theta - nxt.residual

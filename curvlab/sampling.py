@@ -79,13 +79,21 @@ def extreme_interval(end: str, estimate: RayleighEstimate, theta_subsample: floa
 
     Mirrored for ``lambda_min``.  The width shrinks like ``1/sqrt(m)`` plus the
     gap between the subsample's extreme and the holdout's view of its vector.
+    When the holdout contradicts the bound (for ``lambda_max``: the bound lies below
+    ``value - z se``, which ``lambda_max`` exceeds), ``S`` under-represents the
+    extreme eigenvector and the outward side is infinite.
     """
     lo, hi = estimate.value - z * estimate.se, estimate.value + z * estimate.se
     spread = z * estimate.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    # a bound that the holdout contradicts (the vector's Rayleigh quotient lies beyond the
+    # subsample's extreme by more than both spreads: S under-represents the extreme
+    # eigenvector) is no bound: that side opens
     if end == "max":
-        return lo, max(theta_subsample + residual + spread, hi)
+        bound = theta_subsample + residual + spread
+        return lo, (max(bound, hi) if bound >= lo else math.inf)
     if end == "min":
-        return min(theta_subsample - residual - spread, lo), hi
+        bound = theta_subsample - residual - spread
+        return (min(bound, lo) if bound <= hi else -math.inf), hi
     raise ValueError(f"end must be 'max' or 'min', got {end!r}")
 
 

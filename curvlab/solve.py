@@ -21,7 +21,8 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .hvp import Cost, HessianOperator
+from .functional import batch_size_of
+from .hvp import Cost, HessianOperator, _rows
 from .lanczos import lanczos
 
 
@@ -74,6 +75,7 @@ class _Context:
     approx_vectors: Optional[Tensor] = None
     approx_shift: float = 0.0
     overturned: set = field(default_factory=set)  # ends whose subsample order the holdout reversed
+    rounding: str = "none"  # how the exact stage's rounding slack was found (_rounding_slack)
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
@@ -154,12 +156,15 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
         X0 = start["min"][None] if "min" in start else None
         left = max_matvecs - (share if "max" in ends else 0)
         # LOBPCG gets half of what is left; its vectors start the Lanczos run that answers
-        res = lobpcg(op.matvec, op.n, which="SA", k=k, X0=X0,
+        res = lobpcg(op.matvec, op.n, which="SA", k=min(k, op.n), X0=X0,
                      precond=lambda V: ctx.approx.inverse(V, delta), tol=tols[0],
                      max_matvecs=max(2 * k, left // 2), **common)
         res = run("SA", [res.vectors[0]], left - res.matvecs)
         out["min"] = _pair(res, *pairs["min"])
     return out
+
+
+RANDOM_SHARE = 0.1  # norm of the random component of a start vector (see _start_vector)
 
 
 def _random_row(op: HessianOperator, seed: int) -> Tensor:
@@ -170,12 +175,15 @@ def _random_row(op: HessianOperator, seed: int) -> Tensor:
 
 
 def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
-    """``unit(sum of the unit rows) + random unit row``, or ``None`` without rows.
+    """``unit(sum of the unit rows) + RANDOM_SHARE * random unit row``, or ``None``.
 
-    The random half keeps every eigenvector's component generic: a Krylov space from
-    ``u + g`` contains ``(H - lambda I) K(H, g)`` for an eigenvector ``u`` of ``lambda``,
-    so a start vector that is an interior eigenvector costs one step and hides nothing,
-    while one near the wanted extreme still shortens the run.
+    The random part keeps every eigenvector's component generic: a Krylov space from
+    ``u + eps g`` contains ``(H - lambda I) K(H, g)`` for an eigenvector ``u`` of
+    ``lambda``, whatever ``eps``, so a start vector that is an interior eigenvector costs
+    one step and hides nothing.  ``eps`` is small so that a start near the wanted
+    extreme keeps its head start (its Rayleigh quotient moves by about ``eps^2``
+    relative), and large enough that ``g``'s components, ``eps / sqrt(n)``, stay far
+    above float32 rounding for any network size.
     """
     if not rows:
         return None
@@ -183,7 +191,7 @@ def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
     known = known / known.norm(dim=1, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
     v = known.sum(0)
     v = v / v.norm() if float(v.norm()) > 0 else known[0]
-    return v + _random_row(op, seed)[0]
+    return v + RANDOM_SHARE * _random_row(op, seed)[0]
 
 
 def _pair(res, i: int, j: int) -> EndPair:
@@ -253,8 +261,8 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
             interval = (theta - s, theta + res + s if conv else math.inf)
         else:
             interval = (theta - res - s if conv else -math.inf, theta + s)
-        out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv, solver=res + s,
-                        sampling=0.0)
+        out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv,
+                        solver=res + s if conv else math.inf, sampling=0.0)
     return out
 
 
@@ -274,13 +282,18 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
     (a Rayleigh quotient moves by at most ``||E v||``, a residual by as much again; the
     factor covers batches whose curvature is larger than the probe's).  In float64 it is
     ``0`` (the caller's ``sqrt(n) u |theta|`` term covers it).  Cost: ``3 * probe / N``
-    HVPs per vector (float64 counted double), counted; when the budget cannot pay it, the
-    a-priori bound ``sqrt(n) u scale`` (``scale``: the largest ``|theta|``) is used instead.
+    HVPs per vector and rank (float64 counted double), counted.  When the budget cannot
+    pay it, the first batch cannot be cut, or the model does not run in float64, the
+    a-priori bound ``sqrt(n) u scale`` (``scale``: the largest ``|theta|``) is used
+    instead; ``ctx.rounding`` (``result.options["rounding"]``) says which.
     """
     if H.dtype == torch.float64 or not vectors:
+        ctx.rounding = "float64"
         return {e: 0.0 for e in vectors}
-    if ctx.spent() + 3 * len(vectors) * probe / H.num_samples > ctx.max_hvps:
-        return {e: H.n ** 0.5 * _unit_roundoff(H.dtype) * scale for e in vectors}
+    a_priori = {e: H.n ** 0.5 * _unit_roundoff(H.dtype) * scale for e in vectors}
+    if ctx.spent() + 3 * len(vectors) * probe * H.parallel.world_size / H.num_samples > ctx.max_hvps:
+        ctx.rounding = "a priori (budget)"
+        return a_priori
     V = torch.stack([v.reshape(-1) for v in vectors.values()]).to(H.device, H.dtype)
     V = V / V.norm(dim=1, keepdim=True)
     # per vector the difference, then the ranks that measured and their samples: summed over
@@ -288,22 +301,32 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
     out = torch.zeros(len(V) + 2, dtype=torch.float64, device=H.device)
 
     def measure():
-        batch = next(iter(H.parallel.local), None)
-        if batch is None:
+        for x, y in H.parallel.local:
+            nb = batch_size_of(x)
+            if nb > 0:
+                break
+        else:
             return
-        x, y = batch
-        if isinstance(x, Tensor) and isinstance(y, Tensor):
-            x, y = x[:probe], y[:probe]
-        work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
-                               distributed=False)
-        ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
-                              dtype=torch.float64, device=H.device, distributed=False,
-                              output_fn=H.fmodel.output_fn)
-        out[:-2] = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+        x, y = _rows(x, slice(0, probe), nb), _rows(y, slice(0, probe), nb)
+        if x is None or y is None:
+            return  # a batch that cannot be cut: no probe (a whole batch in float64 may not fit)
+        try:
+            work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
+                                   distributed=False)
+            ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
+                                  dtype=torch.float64, device=H.device, distributed=False,
+                                  output_fn=H.fmodel.output_fn)
+            diff = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+        except Exception:  # a model that cannot run in float64: the a-priori bound instead
+            return
+        out[:-2] = diff
         out[-2:] = torch.tensor([1.0, work.num_samples], dtype=torch.float64)
 
     H.parallel.sum_(measure, out)
-    cost = Cost(samples=3 * len(V) * int(out[-1]), passes=2)  # float64 products count double
-    ctx.costs.append(cost)
-    diff = out[:-2] / out[-2].clamp_min(1.0)
+    ctx.costs.append(Cost(samples=3 * len(V) * int(out[-1]), passes=2))  # float64 counts double
+    if float(out[-2]) == 0.0:
+        ctx.rounding = "a priori (no probe)"
+        return a_priori
+    ctx.rounding = "measured"
+    diff = out[:-2] / out[-2]
     return {e: 3.0 * float(d) for e, d in zip(vectors, diff)}

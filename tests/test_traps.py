@@ -167,3 +167,46 @@ def test_a_bottom_eigenvector_weakly_represented_in_the_subsample():
     assert first["overturned"] and not first["accepted"]   # the trap was set and seen
     assert _holds(r, "min", float(w[0]), _dense_error(w))
     assert not r.converged_min or abs(r.lambda_min - float(w[0])) <= 0.05 * abs(float(w[0]))
+
+
+class _Float32Only(torch.nn.Module):
+    """A float32 model with a float32 constant inside ``forward``: it cannot run in float64."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x @ torch.ones(5, 5) / 5)
+
+
+def test_a_model_that_cannot_run_in_float64_gets_the_a_priori_rounding_bound():
+    # the rounding probe compares float32 products with float64 ones; a model that cannot
+    # run in float64 must not make the whole call fail after its products were spent
+    import torch.nn.functional as F
+    from conftest import classification_data, dense_hessian
+
+    model = _Float32Only()
+    X, Y = classification_data(30, (5,))
+    r = curvlab.extremes(model, F.cross_entropy, (X.float(), Y), batch_size=8)
+    assert r.options["rounding"] == "a priori (no probe)"
+    assert r.converged
+    r = curvlab.extremes(torch.nn.Linear(5, 3), F.cross_entropy, (X.float(), Y), batch_size=8)
+    assert r.options["rounding"] == "measured"
+
+
+def test_a_one_parameter_model_with_a_curvature_flag():
+    # one parameter: the Hessian is 1 x 1, no guard pair exists (k = 2 used to reach LOBPCG)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    X, Y = torch.randn(20, 1, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+
+    def loss(out, y):
+        return ((out.squeeze(1) - y) ** 2).mean() + (out ** 3).mean()
+
+    r = curvlab.extremes(model, loss, (X, Y), curvature="diag")
+    w = float(model.weight)
+    truth = float((2 * X[:, 0] ** 2 + 6 * w * X[:, 0] ** 3).mean())  # d2/dw2 of the mean loss
+    assert r.converged and r.lambda_max == pytest.approx(truth, rel=1e-10)
+    assert r.lambda_min == pytest.approx(truth, rel=1e-10)
