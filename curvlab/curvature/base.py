@@ -41,13 +41,14 @@ from torch.utils._pytree import tree_map
 from ..data import Batches, as_batches
 from ..functional import FunctionalModel, batch_size_of
 from ..hvp import Cost
+from ..loop import OnParameters
 
 __all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "output_hessian_sqrt",
            "per_sample_losses", "check_damping", "unsqueeze_input", "ProbeRecord", "probed_forward",
            "probe_columns", "discover_probes", "LeafGradients"]
 
 
-class CurvatureApprox:
+class CurvatureApprox(OnParameters):
     """A symmetric positive semi-definite ``n x n`` approximation ``C`` of the Hessian.
 
     Subclasses set :attr:`fmodel` and implement :meth:`_matvec`, :meth:`_top_eigenpairs`
@@ -66,18 +67,6 @@ class CurvatureApprox:
     fmodel: FunctionalModel
     num_samples: int
     cost: Cost
-
-    @property
-    def n(self) -> int:
-        return self.fmodel.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.fmodel.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.fmodel.device
 
     def __call__(self, V: Tensor) -> Tensor:
         return self.matvec(V)
