@@ -34,7 +34,7 @@ from torch import Tensor
 from .distributed import DataParallel
 from .functional import FunctionalModel, batch_size_of
 
-__all__ = ["Cost", "DataLoop", "OnParameters"]
+__all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches"]
 
 
 @dataclass
@@ -142,7 +142,7 @@ class DataLoop(OnParameters):
 
     # -- the one iteration -------------------------------------------------------
     def local_batches(self, group_size: int | None = None, *, keep_empty: bool = False
-                ) -> Iterator[Tuple[int, object, object, int]]:
+                      ) -> Iterator[Tuple[int, object, object, int]]:
         """This rank's batches as ``(index, x, y, n_b)``, cast to the model's device/dtype.
 
         Empty batches are skipped (``keep_empty=True`` yields them too, for
@@ -151,18 +151,7 @@ class DataLoop(OnParameters):
         groups of that many samples (each yielded with the batch's index);
         other batches are one group each.
         """
-        for index, (x, y) in enumerate(self.parallel.local):
-            x, y = self.fmodel.to_input(x), self.fmodel.to_target(y)
-            nb = batch_size_of(x)
-            if nb == 0 and not keep_empty:
-                continue
-            if group_size is None or nb <= group_size or not (isinstance(x, Tensor)
-                                                              and isinstance(y, Tensor)):
-                yield index, x, y, nb
-                continue
-            for start in range(0, nb, group_size):
-                xs, ys = x[start:start + group_size], y[start:start + group_size]
-                yield index, xs, ys, batch_size_of(xs)
+        return cast_batches(self.fmodel, self.parallel.local, group_size, keep_empty=keep_empty)
 
     # -- the reduction over ranks, timed and booked ----------------------------
     def reduce_(self, fn: Callable[[], None], *outputs: Tensor, **cost) -> None:
@@ -242,6 +231,23 @@ class DataLoop(OnParameters):
                 "Class weights with reduction='mean' divide by the batch's sum of weights instead: "
                 "use reduction='sum' divided by the batch size. A model that mixes samples (batch "
                 "statistics in eval mode) fails this check too")
+
+
+def cast_batches(fmodel: FunctionalModel, batches, group_size: int | None = None, *,
+                 keep_empty: bool = False) -> Iterator[Tuple[int, object, object, int]]:
+    """``batches`` as ``(index, x, y, n_b)`` on ``fmodel``'s device/dtype (see
+    :meth:`DataLoop.local_batches`, which runs it over this rank's batches)."""
+    for index, (x, y) in enumerate(batches):
+        x, y = fmodel.to_input(x), fmodel.to_target(y)
+        nb = batch_size_of(x)
+        if nb == 0 and not keep_empty:
+            continue
+        if group_size is None or nb <= group_size or not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+            yield index, x, y, nb
+            continue
+        for start in range(0, nb, group_size):
+            xs, ys = x[start:start + group_size], y[start:start + group_size]
+            yield index, xs, ys, batch_size_of(xs)
 
 
 # -- checks and error messages --------------------------------------------------------------

@@ -40,10 +40,11 @@ from torch.utils._pytree import tree_map
 
 from ..data import Batches, as_batches
 from ..functional import FunctionalModel, batch_size_of
+from ..distributed import DataParallel
 from ..hvp import Cost
-from ..loop import OnParameters
+from ..loop import DataLoop, OnParameters, cast_batches, check_scalar
 
-__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "output_hessian_sqrt",
+__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "data_loop", "output_hessian_sqrt",
            "per_sample_losses", "check_damping", "unsqueeze_input", "ProbeRecord", "probed_forward",
            "probe_columns", "discover_probes", "LeafGradients"]
 
@@ -159,14 +160,16 @@ def sample_batches(fmodel: FunctionalModel, batches, max_samples: int | None
     batch more).  Empty batches are skipped.
     """
     count = 0
-    for index, (x, y) in enumerate(batches):
-        nb = batch_size_of(x)
-        if nb == 0:
-            continue
-        yield index, fmodel.to_input(x), fmodel.to_target(y), nb
+    for index, x, y, nb in cast_batches(fmodel, batches):
+        yield index, x, y, nb
         count += nb
         if max_samples is not None and count >= max_samples:
             return
+
+
+def data_loop(fmodel: FunctionalModel, loss_fn: Callable, data, cost: Cost | None = None) -> DataLoop:
+    """A one-process :class:`~curvlab.loop.DataLoop` over ``data`` (what :func:`collect_batches` returns)."""
+    return DataLoop(fmodel, loss_fn, DataParallel(as_batches(data), enabled=False, fmodel=fmodel), cost)
 
 
 def collect_batches(fmodel: FunctionalModel, data, max_samples: int | None
@@ -217,9 +220,7 @@ def check_mean_of_per_sample(loss_fn: Callable, out: Tensor, y, index: int) -> N
     (``reduction='mean'`` of a per-sample loss such as cross-entropy or MSE).
     """
     batch = loss_fn(out, y)
-    if not isinstance(batch, Tensor) or batch.dim() != 0:
-        raise ValueError(f"loss_fn returned {getattr(batch, 'shape', type(batch).__name__)} on batch "
-                         f"{index}, not a scalar: it must return the batch-mean loss")
+    check_scalar(batch, index)
     per = per_sample_losses(loss_fn, out, y)
     if per.dim() != 1:
         raise ValueError("loss_fn on a batch of one sample did not return a scalar")
