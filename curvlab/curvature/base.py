@@ -13,6 +13,8 @@ This module holds what all of them need:
 * :class:`CurvatureApprox`, the base class with the operator interface
   (``matvec``, ``top_eigenpairs``, ``inverse``) and its input checks;
 * :func:`sample_batches`, the data pass that honours ``max_samples``;
+* :func:`data_loop`, the :class:`~curvlab.loop.DataLoop` (casting, checks, cost)
+  over the batches an approximation keeps, for its passes over them;
 * :func:`output_hessian_sqrt`, a factor ``S_d`` with ``S_d S_d^T`` the Hessian of
   one sample's loss with respect to the network's output, exact (any per-sample
   loss) or Monte-Carlo (softmax cross-entropy);
