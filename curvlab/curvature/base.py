@@ -13,6 +13,8 @@ This module holds what all of them need:
 * :class:`CurvatureApprox`, the base class with the operator interface
   (``matvec``, ``top_eigenpairs``, ``inverse``) and its input checks;
 * :func:`sample_batches`, the data pass that honours ``max_samples``;
+* :func:`data_loop`, the :class:`~curvlab.loop.DataLoop` (casting, checks, cost)
+  over the batches an approximation keeps, for its passes over them;
 * :func:`output_hessian_sqrt`, a factor ``S_d`` with ``S_d S_d^T`` the Hessian of
   one sample's loss with respect to the network's output, exact (any per-sample
   loss) or Monte-Carlo (softmax cross-entropy);
@@ -40,14 +42,16 @@ from torch.utils._pytree import tree_map
 
 from ..data import Batches, as_batches
 from ..functional import FunctionalModel, batch_size_of
+from ..distributed import DataParallel
 from ..hvp import Cost
+from ..loop import DataLoop, OnParameters, cast_batches, check_scalar
 
-__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "output_hessian_sqrt",
+__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "data_loop", "output_hessian_sqrt",
            "per_sample_losses", "check_damping", "unsqueeze_input", "ProbeRecord", "probed_forward",
            "probe_columns", "discover_probes", "LeafGradients"]
 
 
-class CurvatureApprox:
+class CurvatureApprox(OnParameters):
     """A symmetric positive semi-definite ``n x n`` approximation ``C`` of the Hessian.
 
     Subclasses set :attr:`fmodel` and implement :meth:`_matvec`, :meth:`_top_eigenpairs`
@@ -66,18 +70,6 @@ class CurvatureApprox:
     fmodel: FunctionalModel
     num_samples: int
     cost: Cost
-
-    @property
-    def n(self) -> int:
-        return self.fmodel.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.fmodel.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.fmodel.device
 
     def __call__(self, V: Tensor) -> Tensor:
         return self.matvec(V)
@@ -170,14 +162,16 @@ def sample_batches(fmodel: FunctionalModel, batches, max_samples: int | None
     batch more).  Empty batches are skipped.
     """
     count = 0
-    for index, (x, y) in enumerate(batches):
-        nb = batch_size_of(x)
-        if nb == 0:
-            continue
-        yield index, fmodel.to_input(x), fmodel.to_target(y), nb
+    for index, x, y, nb in cast_batches(fmodel, batches):
+        yield index, x, y, nb
         count += nb
         if max_samples is not None and count >= max_samples:
             return
+
+
+def data_loop(fmodel: FunctionalModel, loss_fn: Callable, data, cost: Cost | None = None) -> DataLoop:
+    """A one-process :class:`~curvlab.loop.DataLoop` over ``data`` (what :func:`collect_batches` returns)."""
+    return DataLoop(fmodel, loss_fn, DataParallel(as_batches(data), enabled=False, fmodel=fmodel), cost)
 
 
 def collect_batches(fmodel: FunctionalModel, data, max_samples: int | None
@@ -228,9 +222,7 @@ def check_mean_of_per_sample(loss_fn: Callable, out: Tensor, y, index: int) -> N
     (``reduction='mean'`` of a per-sample loss such as cross-entropy or MSE).
     """
     batch = loss_fn(out, y)
-    if not isinstance(batch, Tensor) or batch.dim() != 0:
-        raise ValueError(f"loss_fn returned {getattr(batch, 'shape', type(batch).__name__)} on batch "
-                         f"{index}, not a scalar: it must return the batch-mean loss")
+    check_scalar(batch, index)
     per = per_sample_losses(loss_fn, out, y)
     if per.dim() != 1:
         raise ValueError("loss_fn on a batch of one sample did not return a scalar")

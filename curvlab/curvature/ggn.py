@@ -33,7 +33,8 @@ from torch.func import grad, jvp, vjp, vmap
 from ..functional import FunctionalModel
 from ..hvp import Cost
 from ..lanczos import lanczos
-from .base import CurvatureApprox, Timer, collect_batches, sample_batches
+from ..loop import check_finite, check_scalar
+from .base import CurvatureApprox, Timer, collect_batches, data_loop
 
 __all__ = ["GGN", "GGN_METHODS"]
 
@@ -105,31 +106,28 @@ class GGN(CurvatureApprox):
         self.method = method
         with Timer(self.cost):
             self.data, self.num_samples = collect_batches(fmodel, batches, max_samples)
+            self.loop = data_loop(fmodel, loss_fn, self.data, self.cost)
         self._pairs: Tuple[Tensor, Tensor] | None = None
         self.lanczos_result = None
 
     # -- products ----------------------------------------------------------------
     def _matvec(self, V: Tensor) -> Tensor:
-        with Timer(self.cost):
-            total = torch.zeros_like(V)
-            count = 0
-            batch_ggn = self._batch_revrev if self.method == "rev-rev" else self._batch_fwdrev
-            for index, x, y, nb in sample_batches(self.fmodel, self.data, None):
-                gv = batch_ggn(x, y, V, index)
-                if not torch.isfinite(gv).all():
-                    raise ValueError(f"GGN-vector product is not finite on batch {index}: check the "
-                                     "model/inputs or use dtype=torch.float64")
+        total = torch.zeros_like(V)
+        batch_ggn = self._batch_revrev if self.method == "rev-rev" else self._batch_fwdrev
+
+        def local_sum():  # sum_b n_b G_b V over the batches
+            for index, x, y, nb in self.loop.local_batches():
+                gv = check_finite(batch_ggn(x, y, V, index), index, "GGN-vector product",
+                                  ": check the model/inputs or use dtype=torch.float64")
                 total.add_(gv, alpha=nb)
-                count += nb
-            total.div_(count)
-            self.cost.grad_samples += 2 * V.shape[0] * count
-        return total
+
+        m = self.loop.num_samples
+        self.loop.reduce_(local_sum, total, grad_samples=2 * V.shape[0] * m)
+        return total.div_(m)
 
     def _batch_loss(self, out: Tensor, y, index: int) -> Tensor:
         loss = self.loss_fn(out, y)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError(f"loss_fn returned {getattr(loss, 'shape', type(loss).__name__)} on batch "
-                             f"{index}, not a scalar: it must return the batch-mean loss")
+        check_scalar(loss, index)
         return loss
 
     def _batch_fwdrev(self, x, y, V: Tensor, index: int) -> Tensor:
