@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .functional import batch_size_of
-from .hvp import Cost, HessianOperator, _rows
+from .hvp import Cost, HessianOperator
+from .loop import _rows
 from .lanczos import lanczos
 
 
