@@ -292,6 +292,7 @@ def plot_log(records, path, title: str | None = None) -> Path:
     """
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
         raise ImportError("plotting needs matplotlib: pip install matplotlib "
                           "(or pip install 'curvlab[plot]')") from exc
@@ -325,6 +326,7 @@ def plot_log(records, path, title: str | None = None) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title(title or "Hessian extremes per epoch")
     axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
