@@ -14,12 +14,14 @@ views), :mod:`curvlab.hvp` (Hessian-vector products), :mod:`curvlab.extremes`
 
 from .data import as_batches
 from .extremes import CURVATURES, CostRecord, ExtremesResult, extremes
-from .functional import FunctionalModel, ParamSpec, evaluation_mode
-from .hvp import HessianOperator
+from .functional import FunctionalModel, ParamSpec, evaluation_mode, loss_hvp, unflatten
+from .hvp import HessianOperator, to_scipy
 from .lanczos import EigenResult, LanczosResult, lanczos
+from .tracker import CurvatureTracker
 
 __all__ = [
     "extremes", "CURVATURES", "ExtremesResult", "CostRecord", "HessianOperator", "lanczos", "EigenResult", "LanczosResult",
     "FunctionalModel", "ParamSpec", "evaluation_mode", "as_batches",
+    "loss_hvp", "unflatten", "to_scipy", "CurvatureTracker",
 ]
 __version__ = "0.1.0"

@@ -223,3 +223,123 @@ def batch_size_of(x) -> int:
         return batch_size_of(next(iter(x.values())))
     raise TypeError(f"cannot tell the batch size of an input of type {type(x).__name__}")
 
+
+
+# --------------------------------------------------------------------------- pure functions
+
+def hvp(f, params, v):
+    """Hessian-vector product ``H v`` of a scalar function ``f`` at ``params``, as in ``torch.func``.
+
+    ``H = d^2 f / d params^2`` at ``params``, and ``H v = d/dt grad f(params + t v)``
+    at ``t = 0``, computed forward-over-reverse: ``torch.func.jvp(torch.func.grad(f),
+    (params,), (v,))``.  Nothing is stored, nothing of ``params`` is written.
+
+    Args:
+        f: ``f(params) -> scalar tensor``, differentiable by ``torch.func``.
+        params: a tensor or a pytree of tensors (e.g. a dict ``{name: tensor}``).
+        v: the direction, the same structure, shapes and dtypes as ``params``.
+
+    Returns:
+        ``H v``, the same structure and shapes as ``params``.
+
+    Cost: one forward and one backward pass of ``f`` carrying one tangent, about
+    two to three times a gradient.  Composes with ``torch.func.vmap`` over ``v``
+    for a block of directions.
+
+    Example:
+        >>> f = lambda p: (p["w"] ** 3).sum()
+        >>> hvp(f, {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 0.0])})["w"]
+        tensor([6., 0.])
+    """
+    return torch.func.jvp(torch.func.grad(f), (params,), (v,))[1]
+
+
+def loss_hvp(model: nn.Module, loss_fn, params, batch, v, *, output_fn=None):
+    """Hessian-vector product of a model's batch loss: ``H_b v`` with ``H_b`` the Hessian of
+
+        ``L_b(params) = loss_fn(output_fn(model(x; params)), y)``,  ``(x, y) = batch``,
+
+    with respect to ``params`` (the trainable parameters); buffers and frozen
+    parameters are the model's own, held fixed.  The model is evaluated as it
+    is (its mode is not changed): put it in eval mode (:func:`evaluation_mode`)
+    for the Hessian that :class:`~curvlab.hvp.HessianOperator` and
+    :func:`curvlab.extremes` use.  ``H`` of the full-data mean loss is the
+    size-weighted mean of ``H_b`` over batches (``loss_fn`` a batch mean).
+
+    Args:
+        model: the network; only read.
+        loss_fn: ``loss_fn(output, target) -> scalar``.
+        params: ``{name: tensor}`` of the trainable parameters, or ``None`` for the
+            model's current ones (those with ``requires_grad=True``, detached).
+        batch: ``(x, y)``; a tuple ``x`` is passed as positional arguments.
+        v: the direction: a dict like ``params``, or a flat tensor ``(n,)`` in the
+            order of ``params`` (of ``model.named_parameters()`` for ``None``),
+            e.g. ``ExtremesResult.vector_max``.
+        output_fn: applied to the model's output before ``loss_fn``.
+
+    Returns:
+        ``H_b v`` as a dict like ``params``, or flat ``(n,)`` when ``v`` is flat.
+
+    Cost: one forward and one backward pass over the batch with one tangent
+    (about two to three gradients of the batch).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> loss_hvp(model, torch.nn.functional.cross_entropy, None, batch, torch.ones(8)).shape
+        torch.Size([8])
+    """
+    if params is None:
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = dict(params)
+    others = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if n not in params}
+    x, y = batch
+    args = x if isinstance(x, tuple) else (x,)
+
+    def f(p):
+        out = functional_call(model, (p, others), args)
+        return loss_fn(out if output_fn is None else output_fn(out), y)
+
+    if isinstance(v, Tensor):
+        spec = ParamSpec.from_tensors(params)
+        if v.shape != (spec.numel,):
+            raise ValueError(f"a flat v must have shape ({spec.numel},), one entry per parameter, "
+                             f"got {tuple(v.shape)}")
+        return spec.flatten(hvp(f, params, spec.unflatten(v.contiguous())))
+    return hvp(f, params, v)
+
+
+def unflatten(model: nn.Module, vector: Tensor) -> Dict[str, Tensor]:
+    """A flat vector over the model's trainable parameters as ``{name: tensor}``.
+
+    The inverse of concatenating ``p.reshape(-1)`` over ``model.named_parameters()``
+    with ``requires_grad=True``, in that order: the layout of every flat vector
+    curvlab returns (``ExtremesResult.vector_max``, ``vector_min``,
+    :meth:`FunctionalModel.flat_params`, operator products).  A block ``(k, n)``
+    gives tensors of shape ``(k, *p.shape)``.  The tensors are views of
+    ``vector`` (its dtype and device).
+
+    Example:
+        >>> r = curvlab.extremes(model, loss_fn, data)
+        >>> top = curvlab.unflatten(model, r.vector_max)
+        >>> {name: float(t.norm()) for name, t in top.items()}   # where the top eigenvector lives
+
+    Raises:
+        TypeError: ``vector`` is not a tensor (``None``: that end was not computed).
+        ValueError: its length is not the number of trainable parameters.
+    """
+    if not isinstance(vector, Tensor):
+        raise TypeError(f"vector must be a tensor of shape (n,) or (k, n), got {type(vector).__name__}"
+                        + (" (an end that was not computed has no vector)" if vector is None else ""))
+    spec = ParamSpec.from_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if vector.dim() not in (1, 2) or vector.shape[-1] != spec.numel:
+        raise ValueError(
+            f"vector of shape {tuple(vector.shape)} does not fit the model: it has {spec.numel} "
+            f"trainable parameters in {len(spec.names)} tensors, so a vector has shape "
+            f"({spec.numel},) or (k, {spec.numel}); was it computed for another model, or with "
+            "other parameters frozen?")
+    return spec.unflatten(vector) if vector.dim() == 1 else spec.unflatten_block(vector)
+
+
+__all__ += ["hvp", "loss_hvp", "unflatten"]

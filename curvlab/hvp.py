@@ -294,8 +294,70 @@ class HessianOperator(DataLoop):
         # two forward tangents ~ one backward each
         return self.gather(local_values, grad_samples=2 * self.num_samples)
 
+    # -- interop ----------------------------------------------------------------
+    def to_scipy(self):
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (see :func:`to_scipy`).
+
+        Example:
+            >>> from scipy.sparse.linalg import eigsh
+            >>> H = HessianOperator(model.eval(), torch.nn.functional.cross_entropy, (X, Y))
+            >>> lam = eigsh(H.to_scipy(), k=1, which="LA", return_eigenvectors=False)
+        """
+        return to_scipy(self)
+
 
 def _counting_passes(batches) -> dict:
     """``{id: counting_passes}`` of ``batches`` and the shard it may hold."""
     return {id(b): b.counting_passes for b in (batches, getattr(batches, "part", None))
             if isinstance(b, Batches)}
+
+
+def to_scipy(operator):
+    """A curvlab operator as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(n, n)``.
+
+    ``operator`` is anything with curvlab's operator interface: ``n``, ``dtype``
+    (``torch.float32`` or ``torch.float64``) and ``matvec`` on blocks ``(k, n)``,
+    such as :class:`HessianOperator` or a curvature approximation
+    (:mod:`curvlab.curvature`).  The result takes and returns numpy arrays on
+    the CPU, of dtype ``float32`` or ``float64`` as the operator's; each
+    ``matvec`` is one ``operator.matvec`` (for a :class:`HessianOperator`, one
+    pass over the data), and ``matmat`` on ``(n, k)`` multiplies all ``k``
+    columns in one call (one pass).  The operator is symmetric, so ``rmatvec``
+    and ``rmatmat`` are the same products.  Inputs are copied to the
+    operator's device and dtype and results back to CPU numpy, so scipy's
+    solvers (``eigsh``, ``lobpcg``, ``cg``, ``minres``) work unchanged, e.g.
+    ``eigsh(to_scipy(H), k=1, which="LA")``.
+
+    ``scipy.sparse.linalg.aslinearoperator`` returns the result as it is.
+
+    Raises:
+        ImportError: scipy is not installed (``pip install scipy``).
+        TypeError: the operator's dtype is not float32 or float64.
+    """
+    try:
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+    except ImportError as exc:
+        raise ImportError("to_scipy() needs scipy, which curvlab does not require: "
+                          "pip install scipy (or pip install 'curvlab[scipy]')") from exc
+    dtypes = {torch.float32: np.float32, torch.float64: np.float64}
+    if operator.dtype not in dtypes:
+        raise TypeError(f"to_scipy() supports float32 and float64 operators, got {operator.dtype}")
+    n, dtype = int(operator.n), dtypes[operator.dtype]
+
+    def matmat(X):
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[0] != n:
+            raise ValueError(f"expected an array of shape ({n}, k), got {X.shape}")
+        block = torch.from_numpy(np.ascontiguousarray(X.T, dtype=dtype))  # (k, n)
+        return operator.matvec(block).detach().cpu().numpy().T
+
+    def matvec(x):
+        x = np.asarray(x)
+        return matmat(x.reshape(n, 1)).reshape(x.shape)
+
+    return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat,
+                          dtype=dtype)
+
+
+__all__ += ["to_scipy"]

@@ -8,7 +8,11 @@ After each epoch ``e`` (every ``--extremes-every`` epochs) the script computes
 over the first ``M`` (``--extremes-subset``, default: all) *unaugmented*
 training images, with the model in eval mode (BatchNorm running statistics),
 by :func:`curvlab.extremes`, warm-started from the previous epoch's
-eigenvectors.  Weight decay is not part of ``f``: it would add
+eigenvectors.  The call, its warm start and the fields it logs go through
+:class:`curvlab.CurvatureTracker` (its :meth:`~curvlab.CurvatureTracker.compute`
+and :func:`curvlab.tracker.result_record`), the path a user's own training
+loop takes; this script keeps its own log, which also holds the training
+fields and is rewritten from the checkpoint on resume.  Weight decay is not part of ``f``: it would add
 ``weight_decay`` to every eigenvalue.
 
 Usage (from the repository root)::
@@ -56,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
+from curvlab.tracker import result_from_state, result_record, result_to_state
 
 from .cifar import ENV, find_cifar10, load_cifar10, normalize
 from .models import MODELS, build_model
@@ -341,18 +346,15 @@ def extremes_record(result, train_seconds: float, num_train: int) -> dict:
     ``num_train`` per-sample gradient evaluations of a training epoch (one HVP
     evaluation costs about 2-3 gradient evaluations).
     """
-    c = result.cost
+    r = result_record(result)  # the fields a CurvatureTracker logs
+    shared = ("lambda_max", "lambda_min", "interval_max", "interval_min", "error_max", "error_min",
+              "converged_max", "converged_min", "hvps", "samples", "passes")
     return dict(
-        lambda_max=result.lambda_max, lambda_min=result.lambda_min,
-        interval_max=list(result.interval_max), interval_min=list(result.interval_min),
-        error_max=result.lambda_max_error, error_min=result.lambda_min_error,
-        converged_max=result.converged_max, converged_min=result.converged_min,
-        hvps=c.hvps, samples=c.samples, passes=c.passes, num_hessian=result.num_samples,
-        sample_size=getattr(result, "sample_size", result.num_samples), num_params=result.num_params,
-        warm_start=bool(result.options.get("warm_start", False)),
-        cost_epochs_samples=c.samples / num_train,
-        extremes_seconds=c.seconds,
-        cost_epochs_time=c.seconds / train_seconds if train_seconds > 0 else None,
+        {k: r[k] for k in shared}, num_hessian=r["num_samples"], sample_size=r["sample_size"],
+        num_params=r["num_params"], warm_start=r["warm_start"],
+        cost_epochs_samples=r["samples"] / num_train,
+        extremes_seconds=r["seconds"],
+        cost_epochs_time=r["seconds"] / train_seconds if train_seconds > 0 else None,
     )
 
 
@@ -373,23 +375,11 @@ def _clean(obj):
 
 def _result_to_state(result) -> dict:
     """An :class:`curvlab.ExtremesResult` as plain data (``torch.load(weights_only=True)``-safe)."""
-    state = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    state["cost"] = dataclasses.asdict(result.cost)
-    for k in ("vector_max", "vector_min"):
-        if state[k] is not None:
-            state[k] = state[k].detach().cpu()
-    return state
+    return result_to_state(result)
 
 
 def _result_from_state(state: dict, device) -> "curvlab.ExtremesResult":
-    state = dict(state, cost=curvlab.CostRecord(**state["cost"]))
-    for k in ("vector_max", "vector_min"):
-        if state[k] is not None:
-            state[k] = state[k].to(device)
-    for k in ("interval_max", "interval_min"):
-        if isinstance(state.get(k), list):
-            state[k] = tuple(state[k])
-    return curvlab.ExtremesResult(**state)
+    return result_from_state(state, device)
 
 
 # --------------------------------------------------------------------------- files
@@ -532,7 +522,11 @@ def run(args, explicit=frozenset(), log=print) -> list:
     progress = not args.quiet
     from tqdm.auto import tqdm
     outer = tqdm(total=stop - start, desc="epochs", unit="epoch", disable=not progress, dynamic_ncols=True)
-    opts = extremes_options(args)
+    # the library's tracker makes the warm-started call (its own log and state file are off:
+    # this script's log holds the training fields too, and its checkpoint the last result)
+    tracker = curvlab.CurvatureTracker(model, F.cross_entropy, hess_data, log=None, state=None,
+                                       seed=args.seed, progress=progress, **extremes_options(args))
+    tracker.result = previous
     for epoch in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -547,8 +541,7 @@ def run(args, explicit=frozenset(), log=print) -> list:
                    test_acc=test_acc, num_train=N, num_test=Xte.shape[0], train_seconds=train_s,
                    test_seconds=test_s)
         if epoch % args.extremes_every == 0:
-            result = curvlab.extremes(model, F.cross_entropy, hess_data, init=previous,
-                                      seed=args.seed + epoch, progress=progress, **opts)
+            result = tracker.compute(epoch)  # init = the previous result, seed = args.seed + epoch
             rec.update(extremes_record(result, train_s, N))
             trace = dict(epoch=epoch, lambda_max=result.lambda_max, lambda_min=result.lambda_min,
                          interval_max=result.interval_max, interval_min=result.interval_min,
