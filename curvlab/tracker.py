@@ -62,18 +62,18 @@ RECORD_KEYS = (
 )
 
 
-def _json(obj):
+def json_safe(obj):
     """JSON-safe copy: non-finite floats become ``None``, tuples lists, tensors lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return _json(obj.tolist())
+        return json_safe(obj.tolist())
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _json(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -85,7 +85,7 @@ def result_record(result: ExtremesResult) -> dict:
     :class:`curvlab.CostRecord`; ``num_samples`` is ``N``, the samples of the loss.
     """
     c = result.cost
-    return _json(dict(
+    return json_safe(dict(
         lambda_max=result.lambda_max, lambda_min=result.lambda_min,
         interval_max=list(result.interval_max), interval_min=list(result.interval_min),
         error_max=result.lambda_max_error, error_min=result.lambda_min_error,
@@ -133,11 +133,12 @@ def _repair_log(path: Path) -> None:
     keep = data[:data.rfind(b"\n") + 1]
     warnings.warn(f"{path}: dropping an incomplete last line ({len(data) - len(keep)} bytes), "
                   "left by an interrupted write", RuntimeWarning, stacklevel=3)
-    _atomic_write(path, lambda f: f.write(keep))
+    atomic_write(path, lambda f: f.write(keep))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, fsync, then ``os.replace``."""
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file, fsync, then ``os.replace``
+    (a reader sees the old file or the new one, never a part)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -240,7 +241,7 @@ class CurvatureTracker:
             return None
         result = self.compute(epoch)
         record = {"epoch": epoch, **result_record(result),
-                  "time": _dt.datetime.now().isoformat(timespec="seconds"), **_json(extra)}
+                  "time": _dt.datetime.now().isoformat(timespec="seconds"), **json_safe(extra)}
         record = {k: record[k] for k in (*RECORD_KEYS, *extra)}
         if _is_writer():
             if self.log is not None:
@@ -268,7 +269,7 @@ class CurvatureTracker:
     def _save_state(self, epoch: int) -> None:
         self.state.parent.mkdir(parents=True, exist_ok=True)
         payload = dict(epoch=epoch, result=result_to_state(self.result))
-        _atomic_write(self.state, lambda f: torch.save(payload, f))
+        atomic_write(self.state, lambda f: torch.save(payload, f))
 
     def _load_state(self) -> None:
         try:
@@ -281,6 +282,35 @@ class CurvatureTracker:
                           "the next step starts cold", RuntimeWarning, stacklevel=3)
             return
         self.epoch = max(self.epoch, int(payload.get("epoch", 0)))
+
+
+def draw_extremes(ax_max, ax_min, records) -> None:
+    """Draw ``lambda_max`` and ``lambda_min`` of ``records`` against the epoch on two axes.
+
+    Each with its interval as a band (an open side draws no band) and a hollow marker
+    where the solve did not converge; ``lambda_min``'s axis marks zero.
+    """
+    def num(v):
+        return math.nan if v is None else float(v)
+
+    for ax, end, colour in ((ax_max, "max", "tab:red"), (ax_min, "min", "tab:blue")):
+        rows = [r for r in records if r.get(f"lambda_{end}") is not None]
+        if rows:
+            e = [r["epoch"] for r in rows]
+            y = [num(r[f"lambda_{end}"]) for r in rows]
+            lo = [num((r.get(f"interval_{end}") or [None, None])[0]) for r in rows]
+            hi = [num((r.get(f"interval_{end}") or [None, None])[1]) for r in rows]
+            ax.fill_between(e, lo, hi, color=colour, alpha=0.25, lw=0, label="interval")
+            ax.plot(e, y, color=colour, marker="o", ms=4, label=f"lambda_{end}")
+            bad = [(a, b) for a, b, r in zip(e, y, rows) if r.get(f"converged_{end}") is False]
+            if bad:
+                ax.plot(*zip(*bad), ls="none", marker="o", ms=8, mfc="white", mec=colour,
+                        label="not converged")
+            ax.legend(loc="best", fontsize=8)
+        if end == "min":
+            ax.axhline(0.0, color="grey", ls=":", lw=1)
+        ax.set_ylabel(f"lambda_{end}")
+        ax.grid(alpha=0.3)
 
 
 def plot_log(records, path, title: str | None = None) -> Path:
@@ -301,29 +331,9 @@ def plot_log(records, path, title: str | None = None) -> Path:
     if not records:
         raise ValueError("no records to plot: step the tracker at least once")
 
-    def num(v):
-        return math.nan if v is None else float(v)
-
     fig = Figure(figsize=(7, 6))
     axes = fig.subplots(2, 1, sharex=True)
-    for ax, end, colour in ((axes[0], "max", "tab:red"), (axes[1], "min", "tab:blue")):
-        rows = [r for r in records if r.get(f"lambda_{end}") is not None]
-        if rows:
-            e = [r["epoch"] for r in rows]
-            y = [num(r[f"lambda_{end}"]) for r in rows]
-            lo = [num((r.get(f"interval_{end}") or [None, None])[0]) for r in rows]
-            hi = [num((r.get(f"interval_{end}") or [None, None])[1]) for r in rows]
-            ax.fill_between(e, lo, hi, color=colour, alpha=0.25, lw=0, label="interval")
-            ax.plot(e, y, color=colour, marker="o", ms=4, label=f"lambda_{end}")
-            bad = [(a, b) for a, b, r in zip(e, y, rows) if r.get(f"converged_{end}") is False]
-            if bad:
-                ax.plot(*zip(*bad), ls="none", marker="o", ms=8, mfc="white", mec=colour,
-                        label="not converged")
-            ax.legend(loc="best", fontsize=8)
-        if end == "min":
-            ax.axhline(0.0, color="grey", ls=":", lw=1)
-        ax.set_ylabel(f"lambda_{end}")
-        ax.grid(alpha=0.3)
+    draw_extremes(axes[0], axes[1], records)
     axes[0].set_title(title or "Hessian extremes per epoch")
     axes[1].set_xlabel("epoch")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -47,7 +47,9 @@ import curvlab
 
 from .cifar import normalize
 from .models import build_model
-from .train_cifar import _clean, extremes_options, extremes_record, load_data, train_epoch
+from curvlab.tracker import json_safe
+
+from .train_cifar import extremes_options, extremes_record, load_data, train_epoch
 
 __all__ = ["main", "cli", "SMOKE", "TARGET_SECONDS"]
 
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
                    train_acc=acc, train_seconds=train_s, extremes_seconds=wall,
                    cost_epochs_time=wall / train_s, method=result.options.get("method"),
                    sampling=result.options.get("sampling"))
-        rows.append(_clean(rec))
+        rows.append(json_safe(rec))
         previous = result
 
     print(_table(rows))
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
+    out.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from curvlab.tracker import draw_extremes  # noqa: E402
 
 __all__ = ["main", "plot_log", "plot_trace", "read_log", "find_trace"]
 
@@ -68,26 +69,7 @@ def plot_log(records: list, out, title: str | None = None) -> Path:
         raise ValueError("the log is empty: no finished epoch to plot")
     fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
     epochs = [r["epoch"] for r in records]
-    for ax, end, colour in ((axes[0], "max", "tab:red"), (axes[1], "min", "tab:blue")):
-        rows = [r for r in records if r.get(f"lambda_{end}") is not None]
-        if rows:
-            e = [r["epoch"] for r in rows]
-            y = [_num(r[f"lambda_{end}"]) for r in rows]
-            lo = [_num((r.get(f"interval_{end}") or [None, None])[0]) for r in rows]
-            hi = [_num((r.get(f"interval_{end}") or [None, None])[1]) for r in rows]
-            err = [[max(0.0, a - b) if not math.isnan(b) else 0.0 for a, b in zip(y, lo)],
-                   [max(0.0, b - a) if not math.isnan(b) else 0.0 for a, b in zip(y, hi)]]
-            ax.fill_between(e, lo, hi, color=colour, alpha=0.2, lw=0, label="interval")
-            ax.errorbar(e, y, yerr=err, color=colour, marker="o", ms=4, capsize=3, label=f"lambda_{end}")
-            bad = [(a, b) for a, b, r in zip(e, y, rows) if r.get(f"converged_{end}") is False]
-            if bad:
-                ax.plot(*zip(*bad), ls="none", marker="o", ms=8, mfc="white", mec=colour,
-                        label="not converged")
-        if end == "min":
-            ax.axhline(0.0, color="grey", ls=":", lw=1)
-        ax.set_ylabel(f"lambda_{end}")
-        ax.legend(loc="best", fontsize=8)
-        ax.grid(alpha=0.3)
+    draw_extremes(axes[0], axes[1], records)
     axes[0].set_title(title or "Hessian extremes of the training loss per epoch")
     ax = axes[2]
     ax.plot(epochs, [100 * _num(r.get("train_acc")) for r in records], marker="o", ms=4, label="train (augmented)")

@@ -49,7 +49,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -60,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
-from curvlab.tracker import result_from_state, result_record, result_to_state
+from curvlab.tracker import atomic_write, json_safe, result_from_state, result_record, result_to_state
 
 from .cifar import ENV, find_cifar10, load_cifar10, normalize
 from .models import MODELS, build_model
@@ -358,21 +357,6 @@ def extremes_record(result, train_seconds: float, num_train: int) -> dict:
     )
 
 
-def _clean(obj):
-    """JSON-safe copy: non-finite floats become ``None``, tuples lists, tensors lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return _clean(obj.item())
-    return obj
-
-
 def _result_to_state(result) -> dict:
     """An :class:`curvlab.ExtremesResult` as plain data (``torch.load(weights_only=True)``-safe)."""
     return result_to_state(result)
@@ -384,24 +368,10 @@ def _result_from_state(state: dict, device) -> "curvlab.ExtremesResult":
 
 # --------------------------------------------------------------------------- files
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, fsync, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_log(path: Path, records) -> None:
     """Rewrite the JSONL log at ``path`` atomically with ``records`` (one line each)."""
-    text = "".join(json.dumps(_clean(r), allow_nan=False) + "\n" for r in records)
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    text = "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_log(path) -> list:
@@ -547,17 +517,17 @@ def run(args, explicit=frozenset(), log=print) -> list:
                          interval_max=result.interval_max, interval_min=result.interval_min,
                          cost=dataclasses.asdict(result.cost), options=result.options,
                          levels=getattr(result, "levels", []), history=result.history)
-            text = json.dumps(_clean(trace), allow_nan=False, indent=1)
-            _atomic_write(out / TRACE.format(epoch), lambda f: f.write(text.encode()))
+            text = json.dumps(json_safe(trace), allow_nan=False, indent=1)
+            atomic_write(out / TRACE.format(epoch), lambda f: f.write(text.encode()))
             previous = result
         rec.update(seconds=time.perf_counter() - t0, time=_dt.datetime.now().isoformat(timespec="seconds"))
-        records = records + [_clean(rec)]
+        records = records + [json_safe(rec)]
         write_log(log_path, records)  # the log first: a kill before the checkpoint re-runs this epoch
         state = dict(epoch=epoch, config=_config(args), model=model.state_dict(),
                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                      rng=_rng_state(generator), records=records,
                      extremes=None if previous is None else _result_to_state(previous))
-        _atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
         outer.update(1)
         (outer.write if progress else log)(_summary(rec, args.epochs))
     outer.close()
