@@ -23,6 +23,8 @@ from curvlab.data import TensorBatches
 from curvlab.functional import FunctionalModel
 from curvlab.hvp import Cost
 
+from conftest import tiny_cnn_bn
+
 D = torch.float64
 RTOL = 1e-10
 
@@ -53,15 +55,7 @@ def cnn(seed=0, **conv):
 
 def cnn_bn(seed=0):
     """Conv -> BatchNorm (eval, non-trivial statistics) -> Softplus -> Linear."""
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten(),
-                      nn.Linear(3 * 4 * 4, 3)).double()
-    m[1].running_mean.normal_(0, 0.3)
-    m[1].running_var.uniform_(0.5, 2.0)
-    with torch.no_grad():
-        m[1].weight.uniform_(0.5, 1.5)
-        m[1].bias.normal_(0, 0.2)
-    return m.eval()
+    return tiny_cnn_bn(seed).eval()
 
 
 class ScaledTanh(nn.Module):
