@@ -24,7 +24,7 @@ cross-entropy; this touches only the ``b x c`` outputs, not the network), and
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor

@@ -34,7 +34,7 @@ with the exact GGN diagonal, so ``C`` spans all trainable parameters and is
 block-diagonal: ``C = blockdiag(A_1 (x) G_1, ..., A_L (x) G_L, diag(d))``.  For
 parameters of leaf modules the diagonal comes from the same backward passes as
 the ``G`` factors (per-sample gradients of each module from its recorded input
-and output gradient, :class:`~curvlab.curvature.base.LeafGradients`); any other
+and output gradient, :class:`~curvlab.curvature.probes.LeafGradients`); any other
 parameter (owned by a module with children, ...) gets
 :func:`~curvlab.curvature.diag.ggn_diagonal` with ``diag_method`` in a second pass.
 
@@ -71,8 +71,8 @@ from torch import Tensor, nn
 
 from ..functional import FunctionalModel
 from ..hvp import Cost
-from .base import (CurvatureApprox, LeafGradients, ProbeRecord, Timer, collect_batches,
-                   discover_probes, output_hessian_sqrt, probe_columns, probed_forward, sample_batches)
+from .base import CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches
+from .probes import LeafGradients, ProbeRecord, discover_probes, probe_columns, probed_forward
 from .diag import DIAG_METHODS, ggn_diagonal
 
 __all__ = ["KFAC", "KFACBlock", "FISHER_TYPES", "SUPPORTED_LAYERS"]
