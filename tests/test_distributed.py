@@ -124,14 +124,25 @@ def scenario_products(rank, world):
     out["sampler12"] = dict(block=H.matvec(make_block(H.n)), scheme=H.parallel.scheme, N=H.num_samples,
                             full_pass=_error(lambda: H.batches.subset(torch.arange(3))))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
+    out.update(_modes(model, X, Y))
     out["failures"] = _failures(rank)
+    return out
+
+
+def _modes(model, X, Y):
+    """The multilevel regime and every curvature flag, as each rank runs them."""
+    out = {"multilevel": _extremes_summary(curvlab.extremes(
+        model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=4, **EXTREMES_KW))}
+    for c in ("diag", "ggn", "kfac"):
+        out[c] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), curvature=c,
+                                                    approx_samples=8, approx_rank=2, **EXTREMES_KW))
     return out
 
 
 def _extremes_summary(r):
     return dict(lambda_max=r.lambda_max, lambda_min=r.lambda_min, vector_max=r.vector_max,
                 vector_min=r.vector_min, hvps=r.cost.hvps, num_samples=r.num_samples,
-                history=[dict(e) for e in r.history])
+                history=[dict(e) for e in r.history], levels=len(r.levels))
 
 
 def _failures(rank):
@@ -309,6 +320,7 @@ def reference():
     H12 = HessianOperator(model, F.cross_entropy, (X12, Y12))
     out["sampler12"] = H12.matvec(make_block(H12.n))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
+    out.update(_modes(model, X, Y))
     out["dense"] = _dense_hessian(model, X, Y)
     return out
 
@@ -426,6 +438,20 @@ def test_extremes_equal_single_process(products, reference):
     ev = torch.linalg.eigvalsh(reference["dense"])
     assert abs(reference["extremes"]["lambda_max"] - ev[-1]) <= EXTREMES_RTOL * abs(ev[-1])
     assert abs(reference["extremes"]["lambda_min"] - ev[0]) <= EXTREMES_RTOL * abs(ev[0])
+
+
+@pytest.mark.parametrize("mode", ["multilevel", "diag", "ggn", "kfac"])
+def test_multilevel_and_curvature_flags_under_two_ranks(products, reference, mode):
+    # the subsampled regime (its subsets sharded over the ranks, holdout statistics
+    # reduced) and each approximation (built alike on every rank from the full data)
+    # give the single process's extremes, and the same bits on both ranks
+    _check_extremes([r[mode] for r in products], reference[mode])
+    a, b = (r[mode] for r in products)
+    assert mode != "multilevel" or a["levels"] == reference[mode]["levels"] >= 1  # a subsample level ran
+    assert a["history"] == b["history"] and torch.equal(a["vector_min"], b["vector_min"])
+    ev = torch.linalg.eigvalsh(reference["dense"])
+    assert abs(reference[mode]["lambda_max"] - ev[-1]) <= EXTREMES_RTOL * abs(ev[-1])
+    assert abs(reference[mode]["lambda_min"] - ev[0]) <= EXTREMES_RTOL * abs(ev[0])
 
 
 def test_extremes_bit_identical_across_ranks(products):
