@@ -567,3 +567,101 @@ def test_loss_check_skips_batches_it_cannot_split():
     mask = torch.ones(5, dtype=D)
     H = HessianOperator(Masked().eval(), F.cross_entropy, [((X, mask), Y)])
     assert H.cost.forward_samples == 6
+
+
+# -------------------------------------------------------------------- dynamic padding
+
+class Sequences(Dataset):
+    """Samples of different lengths: ``x`` of shape ``(L_i, 2)`` (``(2, L_i)`` channels first)."""
+
+    def __init__(self, n=24, channels_first=False, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        self.lengths = [int(v) for v in torch.randint(1, 7, (n,), generator=g)]
+        self.X = [torch.randn(L, 2, generator=g, dtype=D) for L in self.lengths]
+        self.Y = torch.randint(0, 3, (n,), generator=g)
+        self.channels_first = channels_first
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        x = self.X[i].T if self.channels_first else self.X[i]
+        return x, self.Y[i]
+
+    def padded(self, length=6):
+        """All samples padded with zeros to one fixed length (what the model sees, up to padding)."""
+        return torch.stack([F.pad(x, (0, 0, 0, length - len(x))) for x in self.X]), self.Y
+
+
+def _pad_collate(value=0.0, dim=0):
+    """Pads every sample to the longest of its batch (dim ``dim`` of a sample), as NLP collates do."""
+    def collate(items):
+        longest = max(x.shape[dim] for x, _ in items)
+        xs = []
+        for x, _ in items:
+            pad = [0, 0] * x.dim()
+            pad[2 * (x.dim() - 1 - dim) + 1] = longest - x.shape[dim]
+            xs.append(F.pad(x, pad, value=value))
+        return torch.stack(xs), torch.stack([y for _, y in items])
+    return collate
+
+
+class SumPool(nn.Module):
+    """Per-position features without bias, summed over positions: zero padding changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Sequential(nn.Linear(2, 4, bias=False), nn.Tanh()).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.head(self.inner(x).sum(1))
+
+
+def _padded_loader(ds, value=0.0, dim=0, seed=0):
+    return DataLoader(ds, batch_size=5, shuffle=True, collate_fn=_pad_collate(value, dim),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_dynamic_padding_passes_the_fingerprint(channels_first):
+    """A shuffled loader padding each batch to its own longest sample is the same data each pass."""
+    ds = Sequences(channels_first=channels_first)
+    b = as_batches(_padded_loader(ds, dim=1 if channels_first else 0))
+    widths = set()
+    for _ in range(5):
+        widths |= {x.shape[2 if channels_first else 1] for x, _ in b}
+        assert sum(len(x) for x, _ in b) == len(ds)
+    assert len(widths) > 1  # the padding did change from batch to batch
+
+
+def test_dynamic_padding_gives_the_dense_extremes():
+    ds = Sequences()
+    model = SumPool()
+    r = curvlab.extremes(model, F.cross_entropy, _padded_loader(ds), **TIGHT)
+    _check_dense(r, model, *ds.padded())
+
+
+def test_padding_that_changes_the_fingerprint_is_named_and_can_be_waived():
+    ds = Sequences()
+    b = as_batches(_padded_loader(ds, value=-1.0))  # a pad value that is not zero
+    with pytest.raises(ValueError, match=r"data changed between passes.*pads? .*zero.*check_data=False"):
+        for _ in range(5):
+            for _ in b:
+                pass
+    b = as_batches(_padded_loader(ds, value=-1.0), check_data=False)
+    for _ in range(5):
+        assert sum(len(x) for x, _ in b) == len(ds)
+    X, Y = classification_data(12, (5,))
+    passes = iter([[(X, Y)], [(X[:6], Y[:6])]])
+
+    class Shrinking:
+        def __iter__(self):
+            return iter(next(passes))
+
+    b = as_batches(Shrinking(), check_data=False)  # the sample count is still compared
+    assert sum(len(x) for x, _ in b) == 12
+    with pytest.raises(ValueError, match=r"data changed between passes: 12 samples .* 6 in this"):
+        for _ in b:
+            pass
