@@ -493,6 +493,11 @@ class TensorBatches(Batches):
             rows = slice(start, start + self.batch_size)
             yield _tree_rows(self.X, rows), _tree_rows(self.Y, rows)
 
+    def with_keys(self, input_key, target_key) -> "TensorBatches":
+        """This data, when the keys say what ``(X, Y)`` is already; else ``ValueError``."""
+        check_tensor_keys(input_key, target_key)
+        return self
+
     def rows(self, index) -> "TensorBatches":
         """The samples ``index`` (a slice or 1-d index tensor) as new batches."""
         return TensorBatches(_tree_rows(self.X, index), _tree_rows(self.Y, index), self.batch_size)
@@ -503,6 +508,18 @@ class TensorBatches(Batches):
 
     def materialize(self) -> Tuple[object, object]:
         return self.X, self.Y
+
+
+def check_tensor_keys(input_key, target_key) -> None:
+    """Raise ``ValueError`` unless the keys fit ``(X, Y)`` tensor data: ``None`` or positions 0 and 1."""
+    if input_key in (None, 0) and target_key in (None, 1) and not isinstance(input_key, bool) \
+            and not isinstance(target_key, bool):
+        return
+    raise ValueError(
+        f"data is (X, Y) tensors, whose input is X and target Y, but input_key={input_key!r} and "
+        f"target_key={target_key!r} were given: keys name entries of dict or tuple batches (a "
+        "DataLoader or a list of batches). With (X, Y), drop input_key and target_key (or pass "
+        "0 and 1), and put the input first; for whole-data dicts pass (d[input_key], d[target_key])")
 
 
 def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
@@ -531,8 +548,10 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
         keys, own = (input_key, target_key), (data.input_key, data.target_key)
         if not check_data and data.check_data and not isinstance(data, TensorBatches):
             data = Batches(data._source, input_key=own[0], target_key=own[1], check_data=False)
-        if keys == (None, None) or keys == own or isinstance(data, TensorBatches):
+        if keys == (None, None) or keys == own:
             return data
+        if isinstance(data, TensorBatches):
+            return data.with_keys(*keys)
         if own == (None, None):
             return data.with_keys(input_key, target_key)
         raise ValueError(
@@ -551,6 +570,7 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
             raise ValueError(
                 f"data is (X, Y) with {len(X)} inputs but {len(Y)} targets: X and Y must have the "
                 "same first dimension (one target per input)")
+        check_tensor_keys(input_key, target_key)
         return TensorBatches(X, Y, batch_size)
     if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
         extra = (" (a dict of whole-data tensors: pass (d['inputs'], d['targets']) with its keys)"

@@ -183,6 +183,7 @@ class PreSharded(Batches):
     def __init__(self, data, batch_size: int = 256):
         super().__init__(None)
         self.part: Batches = as_batches(data, batch_size)
+        self.input_key, self.target_key = self.part.input_key, self.part.target_key
 
     def _refuse(self):
         raise ValueError(
@@ -202,10 +203,8 @@ class PreSharded(Batches):
         self._refuse()
 
     def with_keys(self, input_key, target_key) -> "PreSharded":
-        out = PreSharded([])
-        out.part = self.part.with_keys(input_key, target_key)
-        out.input_key, out.target_key = input_key, target_key
-        return out
+        """This shard read with other keys (``(X, Y)`` tensors take none: see :func:`~curvlab.data.as_batches`)."""
+        return PreSharded(self.part.with_keys(input_key, target_key))
 
 
 def presharded(data, batch_size: int = 256) -> PreSharded:

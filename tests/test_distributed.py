@@ -559,5 +559,24 @@ def test_presharded_cannot_be_subsampled():
         list(PreSharded(make_data()))
 
 
+def test_presharded_takes_keys():
+    """Keys reach a presharded source's batches, or are refused by name for (X, Y) tensors."""
+    model = make_model()
+    X, Y = make_data()
+    ref = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=BATCH)
+    V = make_block(ref.n)
+    dicts = [{"pixel_values": X[s:s + BATCH], "labels": Y[s:s + BATCH]} for s in range(0, N, BATCH)]
+    H = HessianOperator(model, F.cross_entropy, presharded(dicts), input_key="pixel_values",
+                        target_key="labels")
+    assert H.num_samples == N and _rel(H.matvec(V), ref.matvec(V)) < RTOL
+    b = as_batches(presharded((X, Y), BATCH), input_key=0, target_key=1)  # what (X, Y) is anyway
+    assert isinstance(b, PreSharded) and sum(len(x) for x, _ in b.part) == N
+    with pytest.raises(ValueError, match=r"data is \(X, Y\) tensors.*input_key='x'.*drop input_key"):
+        as_batches(presharded((X, Y), BATCH), input_key="x", target_key="y")
+    with pytest.raises(ValueError, match=r"made with input_key='pixel_values'"):
+        as_batches(presharded(as_batches(dicts, input_key="pixel_values", target_key="labels")),
+                   input_key="image", target_key="labels")
+
+
 if __name__ == "__main__":
     _worker_main(sys.argv[1], sys.argv[2])

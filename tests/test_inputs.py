@@ -478,6 +478,8 @@ BAD = [
     ("callback not callable", None, (X0, Y0), dict(callback="print"), TypeError, r"callback must be callable"),
     ("progress not a bool", None, (X0, Y0), dict(progress="yes"), TypeError, r"progress must be True or False"),
     ("approx_rank 0", None, (X0, Y0), dict(approx_rank=0), ValueError, r"approx_rank must be an int >= 1"),
+    ("keys with (X, Y) tensors", None, (X0, Y0), dict(input_key="pixel_values", target_key="labels"),
+     ValueError, r"data is \(X, Y\) tensors.*input_key='pixel_values'.*drop input_key"),
     ("whole data as a dict", None, {"x": X0, "y": Y0}, {}, TypeError, r"data is a dict: pass a DataLoader"),
 ]
 
