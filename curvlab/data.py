@@ -8,7 +8,10 @@ re-iterable.  :func:`as_batches` accepts what users have at hand and returns a
 * a ``torch.utils.data.DataLoader`` (re-iterated each pass; its order does not
   matter, every pass sums over all batches, so ``shuffle=True`` is fine);
 * a tuple ``(X, Y)`` of tensors with equal first dimension, cut into batches of
-  ``batch_size``;
+  ``batch_size``; ``X`` (or ``Y``) may also be a tuple, list or dict of such
+  tensors, as long as the other one is a tensor (when both are tuples or dicts,
+  ``(X, Y)`` reads as a list of two batches: pass ``TensorBatches(X, Y,
+  batch_size)`` instead);
 * any other re-iterable of ``(x, y)`` batches (a list of tuples, ...); a
   one-shot iterator such as a generator is read once and kept in memory.
 
@@ -128,10 +131,13 @@ def _pair(batch, index: int, input_key=None, target_key=None) -> Tuple[object, o
                 f"batch {index} is a {type(batch).__name__} of {len(batch)} items, but input_key="
                 f"{input_key!r} and target_key={target_key!r} need dict batches or integer positions "
                 f"below {len(batch)}")
+    hint = (" (whole-data tensors go as a tuple (X, Y), or as curvlab.data.TensorBatches(X, Y, "
+            "batch_size) when X and Y are both tuples or dicts of tensors)"
+            if isinstance(batch, Tensor) else "")
     raise TypeError(
         f"batch {index} is a {type(batch).__name__}, not an (input, target) pair: "
         "data must yield (x, y) tuples, e.g. a DataLoader over a TensorDataset, or dicts "
-        "(with input_key= and target_key=)")
+        f"(with input_key= and target_key=){hint}")
 
 
 def _leaves(tree, path=()):
@@ -522,6 +528,24 @@ def check_tensor_keys(input_key, target_key) -> None:
         "0 and 1), and put the input first; for whole-data dicts pass (d[input_key], d[target_key])")
 
 
+def _tensor_tree(t) -> bool:
+    """``t`` is a tensor, or a non-empty tuple, list or dict of tensor trees."""
+    if isinstance(t, Tensor):
+        return True
+    items = t.values() if isinstance(t, Mapping) else t if isinstance(t, (list, tuple)) else None
+    return bool(items) and all(_tensor_tree(v) for v in items)
+
+
+def _is_whole_data(data) -> bool:
+    """``data`` is ``(X, Y)``: two tensor trees, one of them a tensor.
+
+    A pair of trees neither of which is a tensor stays a list of two batches
+    (``[(x1, y1), (x2, y2)]``, two dict batches).
+    """
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and any(isinstance(t, Tensor) for t in data) and all(_tensor_tree(t) for t in data))
+
+
 def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
                check_data: bool = True) -> Batches:
     """Turn ``data`` into :class:`Batches` (see the module docstring).
@@ -559,17 +583,25 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
             f"{data.target_key!r}; got input_key={input_key!r}, target_key={target_key!r}")
     if isinstance(data, torch.utils.data.DataLoader):
         return Batches(data, input_key=input_key, target_key=target_key, check_data=check_data)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    if _is_whole_data(data):
         X, Y = data
+        lengths = {}
         for name, t in (("X", X), ("Y", Y)):
-            if t.dim() == 0:
-                raise ValueError(
-                    f"data is (X, Y) and {name} is a 0-dim tensor: both need a first dimension that "
-                    f"counts the samples (e.g. {name}.reshape(1, ...) for one sample)")
-        if len(X) != len(Y):
+            for _, leaf in _leaves(t):
+                if leaf.dim() == 0:
+                    raise ValueError(
+                        f"data is (X, Y) and {name} {'is' if leaf is t else 'holds'} a 0-dim tensor: "
+                        "every tensor of X and Y needs a first dimension that counts the samples "
+                        "(e.g. t.reshape(1, ...) for one sample)")
+            try:
+                lengths[name] = _tree_len(t, name)
+            except ValueError as exc:
+                raise ValueError(f"data is (X, Y) and {exc}: every tensor of X and Y needs one row "
+                                 "per sample") from None
+        if lengths["X"] != lengths["Y"]:
             raise ValueError(
-                f"data is (X, Y) with {len(X)} inputs but {len(Y)} targets: X and Y must have the "
-                "same first dimension (one target per input)")
+                f"data is (X, Y) with {lengths['X']} inputs but {lengths['Y']} targets: X and Y must "
+                "have the same first dimension (one target per input)")
         check_tensor_keys(input_key, target_key)
         return TensorBatches(X, Y, batch_size)
     if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):

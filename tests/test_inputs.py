@@ -237,6 +237,33 @@ def test_list_inputs_from_default_collate():
     _check_dense(r, inner, X, Y)
 
 
+class TwoArgs(nn.Module):
+    """``forward(x_a, x_b)`` (a tuple input is unpacked) or ``forward({"a": x_a, "b": x_b})``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, a, b=None):
+        if b is None:
+            a, b = a["a"], a["b"]
+        return self.inner(torch.cat([a, b], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict"])
+def test_whole_data_with_several_input_tensors(kind):
+    """``(X, Y)`` whose X is a tuple, list or dict of tensors, cut into batches like tensors."""
+    inner = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    parts = (X[:, :2], X[:, 2:])
+    Xs = {"tuple": parts, "list": list(parts), "dict": dict(a=parts[0], b=parts[1])}[kind]
+    model = TwoInputs(inner) if kind == "list" else TwoArgs(inner)
+    b = as_batches((Xs, Y), batch_size=8)
+    assert b.num_samples == 30 and [len(y) for _, y in b] == [8, 8, 8, 6]
+    r = curvlab.extremes(model, F.cross_entropy, (Xs, Y), batch_size=8, **TIGHT)
+    _check_dense(r, inner, X, Y)
+
+
 def test_index_triples():
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))
@@ -480,6 +507,10 @@ BAD = [
     ("approx_rank 0", None, (X0, Y0), dict(approx_rank=0), ValueError, r"approx_rank must be an int >= 1"),
     ("keys with (X, Y) tensors", None, (X0, Y0), dict(input_key="pixel_values", target_key="labels"),
      ValueError, r"data is \(X, Y\) tensors.*input_key='pixel_values'.*drop input_key"),
+    ("(X, Y) with X a tuple of different lengths", None, ((X0[:, :2], X0[:20, 2:]), Y0), {}, ValueError,
+     r"data is \(X, Y\) and the tensors of X have different numbers of samples: \[20, 30\]"),
+    ("(X, Y) with X a dict, of other length than Y", None, ({"a": X0}, Y0[:20]), {}, ValueError,
+     r"\(X, Y\) with 30 inputs but 20 targets"),
     ("whole data as a dict", None, {"x": X0, "y": Y0}, {}, TypeError, r"data is a dict: pass a DataLoader"),
 ]
 
