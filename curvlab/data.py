@@ -70,7 +70,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .functional import batch_size_of
+from .functional import batch_size_of, sequence_like
 
 __all__ = ["Batches", "TensorBatches", "as_batches", "check_keys"]
 
@@ -445,7 +445,7 @@ def _tree_cat(trees):
     if isinstance(first, Mapping):
         return {k: _tree_cat([t[k] for t in trees]) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_tree_cat([t[i] for t in trees]) for i in range(len(first)))
+        return sequence_like(first, (_tree_cat([t[i] for t in trees]) for i in range(len(first))))
     raise TypeError(f"a batch holds a {type(first).__name__}")
 
 
@@ -456,7 +456,7 @@ def _tree_rows(tree, index):
     if isinstance(tree, Mapping):
         return {k: _tree_rows(v, index) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_tree_rows(v, index) for v in tree)
+        return sequence_like(tree, (_tree_rows(v, index) for v in tree))
     raise TypeError(f"cannot index a {type(tree).__name__}")
 
 

@@ -264,6 +264,37 @@ def test_whole_data_with_several_input_tensors(kind):
     _check_dense(r, inner, X, Y)
 
 
+def test_mapping_inputs_are_counted_and_moved():
+    """A ``UserDict``-like input (``BatchEncoding``) is a dict to curvlab: counted, cast, moved."""
+    from collections import UserDict
+    from curvlab.functional import batch_size_of
+    inner = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    batches = [(UserDict(a=X[s:s + 8, :2].float(), b=X[s:s + 8, 2:].float()), Y[s:s + 8])
+               for s in range(0, 30, 8)]
+    assert batch_size_of(batches[0][0]) == 8
+    x = FunctionalModel(inner).to_input(batches[0][0])
+    assert x["a"].dtype == D and x["b"].dtype == D
+    r = curvlab.extremes(TwoArgs(inner), F.cross_entropy, batches, tol=1e-5, tol_min=1e-5, floor=0.0)
+    _check_dense(r, inner, X.float().double(), Y, tol=1e-5)
+
+
+def test_namedtuple_inputs_keep_their_type():
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "a b")
+    X, Y = classification_data(30, (5,))
+    xs = Pair(X[:, :2].float(), X[:, 2:].float())
+    moved = FunctionalModel(tiny_mlp()).to_input(xs)
+    assert type(moved) is Pair and moved.a.dtype == D and torch.equal(moved.b, X[:, 2:].float().double())
+    b = as_batches((xs, Y), batch_size=8)  # cut by rows
+    x0, _ = next(iter(b))
+    assert type(x0) is Pair and len(x0.a) == 8
+    assert type(b.subset(torch.tensor([3, 1])).X) is Pair
+    loaded = Batches([(Pair(xs.a[s:s + 8], xs.b[s:s + 8]), Y[s:s + 8]) for s in range(0, 30, 8)])
+    Xm, Ym = loaded.materialize()  # concatenated, e.g. for subsampling
+    assert type(Xm) is Pair and torch.equal(Xm.a, xs.a) and torch.equal(Ym, Y)
+
+
 def test_index_triples():
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))
