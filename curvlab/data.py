@@ -322,11 +322,9 @@ class Batches:
 
     def __init__(self, source: Iterable, *, input_key=None, target_key=None, check_data: bool = True):
         check_keys(input_key, target_key)
-        if not isinstance(check_data, bool):
-            raise TypeError(f"check_data must be True or False, got {check_data!r}")
         self._source = source
         self.input_key, self.target_key = input_key, target_key
-        self.check_data = check_data
+        self.check_data = bool(check_data)  # (its type is checked by as_batches)
         self._num_samples: int | None = _upfront_count(source)
         self._reference: Tuple[int, float, float, float] | None = None
         self._probes: dict = {}
@@ -517,7 +515,11 @@ class TensorBatches(Batches):
 
 
 def check_tensor_keys(input_key, target_key) -> None:
-    """Raise ``ValueError`` unless the keys fit ``(X, Y)`` tensor data: ``None`` or positions 0 and 1."""
+    """Raise unless the keys fit ``(X, Y)`` tensor data: ``None`` or positions 0 and 1.
+
+    ``TypeError`` for keys no data takes (:func:`check_keys`), ``ValueError`` for others.
+    """
+    check_keys(input_key, target_key)
     if input_key in (None, 0) and target_key in (None, 1) and not isinstance(input_key, bool) \
             and not isinstance(target_key, bool):
         return
@@ -565,7 +567,7 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
         ValueError: ``(X, Y)`` of different lengths or 0-dim; keys that do not
             match ``Batches`` given with other keys.
     """
-    check_keys(input_key, target_key)
+    # the keys are checked where they are stored: Batches.__init__, check_tensor_keys
     if not isinstance(check_data, bool):
         raise TypeError(f"check_data must be True or False, got {check_data!r}")
     if isinstance(data, Batches):

@@ -729,3 +729,34 @@ def test_padding_that_changes_the_fingerprint_is_named_and_can_be_waived():
     with pytest.raises(ValueError, match=r"data changed between passes: 12 samples .* 6 in this"):
         for _ in b:
             pass
+
+
+# -------------------------------------------------------------------- one check per argument
+
+def test_each_argument_is_validated_once(monkeypatch):
+    """Keys and dtype are checked where they are used (Batches, FunctionalModel), not again upstream."""
+    import sys
+    import curvlab.data
+    import curvlab.functional
+    api = sys.modules["curvlab.extremes"]  # the module (curvlab.extremes is the function)
+    calls = {"keys": 0, "dtype": 0}
+
+    def counted(name, check):
+        def wrapper(*args):
+            calls[name] += 1
+            return check(*args)
+        return wrapper
+
+    keys, dtype = counted("keys", curvlab.data.check_keys), counted("dtype", curvlab.functional.check_dtype)
+    monkeypatch.setattr(curvlab.data, "check_keys", keys)
+    monkeypatch.setattr(curvlab.functional, "check_dtype", dtype)
+    monkeypatch.setattr(api, "check_keys", keys, raising=False)
+    monkeypatch.setattr(api, "check_dtype", dtype, raising=False)
+    X, Y = classification_data(20, (5,))
+    batches = [(X[s:s + 8], Y[s:s + 8]) for s in range(0, 20, 8)]
+    curvlab.extremes(tiny_mlp(), F.cross_entropy, batches, input_key=0, target_key=1,
+                     dtype=torch.float64, max_hvps=2)
+    assert calls == {"keys": 1, "dtype": 1}
+    calls.update(keys=0, dtype=0)
+    curvlab.extremes(tiny_mlp(), F.cross_entropy, (X, Y), input_key=0, target_key=1, max_hvps=2)
+    assert calls == {"keys": 1, "dtype": 0}
