@@ -107,6 +107,7 @@ def scenario_products(rank, world):
                          local_counts=H.parallel.local_counts, block=H.matvec(V), vec=H.matvec(V[0]),
                          loss=loss, grad=g, curv=H.per_sample_curvature(V[0]),
                          cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples),
+                         rank_cost=(H.cost.forward_samples, H.cost.load_passes),
                          ids=H.parallel.gather(lambda: [x[:, 0].clone() for x, _ in H.parallel.local], D))
     # the strided scheme, through the reducer itself
     dp = DataParallel(as_batches((X, Y), BATCH), scheme="strided")
@@ -304,7 +305,8 @@ def reference():
         loss, g = H.loss_and_gradient()
         out[kind] = dict(block=H.matvec(V), vec=H.matvec(V[0]), loss=loss, grad=g,
                          curv=H.per_sample_curvature(V[0]),
-                         cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples))
+                         cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples),
+                         rank_cost=(H.cost.forward_samples, H.cost.load_passes))
     X12, Y12 = make_data(12)
     H12 = HessianOperator(model, F.cross_entropy, (X12, Y12))
     out["sampler12"] = H12.matvec(make_block(H12.n))
@@ -384,6 +386,15 @@ def test_strided_shards_gather_in_order(products):
 def test_cost_counts_all_ranks(products, reference, kind):
     for r in products:
         assert r[kind]["cost"] == reference[kind]["cost"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_check_and_counting_pass_count_this_rank(products, reference, kind):
+    """forward_samples and load_passes are per rank (documented), unlike the fields above."""
+    expected = {"tensors": (8, 0), "batches": (8, 1), "loader": (6, 0)}[kind]  # first batch 4, 4, 3
+    assert reference[kind]["rank_cost"] == expected
+    for r in products:  # every rank's first batch has the one process's size: not summed over ranks
+        assert r[kind]["rank_cost"] == expected
 
 
 def test_products_bit_identical_across_ranks(products):
