@@ -8,7 +8,10 @@ re-iterable.  :func:`as_batches` accepts what users have at hand and returns a
 * a ``torch.utils.data.DataLoader`` (re-iterated each pass; its order does not
   matter, every pass sums over all batches, so ``shuffle=True`` is fine);
 * a tuple ``(X, Y)`` of tensors with equal first dimension, cut into batches of
-  ``batch_size``;
+  ``batch_size``; ``X`` (or ``Y``) may also be a tuple, list or dict of such
+  tensors, as long as the other one is a tensor (when both are tuples or dicts,
+  ``(X, Y)`` reads as a list of two batches: pass ``TensorBatches(X, Y,
+  batch_size)`` instead);
 * any other re-iterable of ``(x, y)`` batches (a list of tuples, ...); a
   one-shot iterator such as a generator is read once and kept in memory.
 
@@ -31,12 +34,21 @@ arguments of the model; a list or dict is passed as one argument, as
 **Data that changes between passes is detected.**  Every full pass over a
 :class:`Batches` (not a :class:`TensorBatches`, fixed by construction) adds up
 an order-invariant fingerprint of its samples, ``sum_d sin(<r, x_d> + <s,
-y_d>)`` in float64 with fixed random ``r, s`` per input shape, together with
-the sample count; a later full pass whose count or fingerprint differs (beyond
-summation-order rounding) raises ``ValueError``.  A shuffling DataLoader over
-a fixed data set passes (the same samples in another order); random
-augmentation or ``drop_last=True`` with shuffling (another subset each pass)
-does not.  Only complete passes are compared (reading a first batch is not one).
+y_d>)`` in float64, together with the sample count; a later full pass whose
+count or fingerprint differs (beyond summation-order rounding) raises
+``ValueError``.  A shuffling DataLoader over a fixed data set passes (the same
+samples in another order); random augmentation or ``drop_last=True`` with
+shuffling (another subset each pass) does not.  Only complete passes are
+compared (reading a first batch is not one).  The probes ``r, s`` are fixed
+pseudo-random numbers that depend only on an entry's position inside the sample
+(its multi-index, and which leaf of the batch it is), not on the sample's shape:
+a ``collate_fn`` that pads each batch with zeros at the end of a dimension to
+its own longest sample (``pad_sequence``, ``DataCollatorWithPadding`` with pad
+id 0) gives the same fingerprint whatever the batch it lands in.  Padding with
+another value (labels padded with -100, left padding) changes it; pad to one
+fixed length then, or, when the samples are known to be the same on every pass,
+turn the value comparison off with ``as_batches(data, check_data=False)`` (the
+sample count is still compared) and pass that to ``extremes``.
 
 **The counting pass.**  ``num_samples`` must be known before the first
 product.  A DataLoader over a sized map-style dataset with a sequential,
@@ -58,7 +70,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .functional import batch_size_of
+from .functional import batch_size_of, sequence_like
 
 __all__ = ["Batches", "TensorBatches", "as_batches", "check_keys"]
 
@@ -119,10 +131,13 @@ def _pair(batch, index: int, input_key=None, target_key=None) -> Tuple[object, o
                 f"batch {index} is a {type(batch).__name__} of {len(batch)} items, but input_key="
                 f"{input_key!r} and target_key={target_key!r} need dict batches or integer positions "
                 f"below {len(batch)}")
+    hint = (" (whole-data tensors go as a tuple (X, Y), or as curvlab.data.TensorBatches(X, Y, "
+            "batch_size) when X and Y are both tuples or dicts of tensors)"
+            if isinstance(batch, Tensor) else "")
     raise TypeError(
         f"batch {index} is a {type(batch).__name__}, not an (input, target) pair: "
         "data must yield (x, y) tuples, e.g. a DataLoader over a TensorDataset, or dicts "
-        "(with input_key= and target_key=)")
+        f"(with input_key= and target_key=){hint}")
 
 
 def _leaves(tree, path=()):
@@ -137,6 +152,35 @@ def _leaves(tree, path=()):
         yield path, tree
 
 
+_MOD = 1 << 31  # probe hashing works on ints below 2^31, so products stay below 2^62
+# a float64 dot product of d terms rounds by at most d * eps * sum |r_i x_i|, typically
+# sqrt(d) * eps * ...: the comparison allows 2^12 eps of the sum of magnitudes for it
+_ROUNDING = 2.0 ** -40
+
+
+def _mix(h: Tensor) -> Tensor:
+    """A few rounds of an integer hash on int64 values in ``[0, 2^31)`` (exact on every device)."""
+    for mult in (1103515245, 1664525, 22695477):
+        h = h ^ (h >> 13)
+        h = (h * mult + 12345) % _MOD
+    return h
+
+
+def _probe_values(path, shape: Tuple[int, ...]) -> Tensor:
+    """The probe of a leaf: one pseudo-random value in ``[-1, 1)`` per entry of a sample.
+
+    A deterministic function of the leaf's ``path`` and of the entry's
+    multi-index only, not of ``shape``: a sample padded at the end of any
+    dimension keeps its probe values where its entries are, so zero padding adds
+    nothing to ``<r, x>``.
+    """
+    h = torch.tensor(zlib.crc32(repr(path).encode()) % _MOD, dtype=torch.int64)
+    for j, n in enumerate(shape):
+        index = torch.arange(n, dtype=torch.int64).view([n if i == j else 1 for i in range(len(shape))])
+        h = _mix((h + index * 2654435761 + 97 * (j + 1)) % _MOD)
+    return (h.to(torch.float64) / (_MOD / 2) - 1).reshape(-1)
+
+
 class _Fingerprint:
     """Order-invariant fingerprint of one pass (see the module docstring).
 
@@ -144,33 +188,31 @@ class _Fingerprint:
     leaves of input and target whose first dimension is the batch size (so a
     sample's input and target are tied together); other tensor leaves add
     ``sum_rows sin(<r, row>)`` on their own.  Accumulated in float64, with
-    ``sum |f_d|`` as the scale of rounding.
+    ``sum |f_d|`` and ``sum_d sum_i |r_i x_di|`` as the scales of rounding.
     """
 
     def __init__(self, probes: dict):
         self.probes = probes
-        self.acc: dict = {}  # device -> float64 tensor [sum f, sum |f|]
+        self.acc: dict = {}  # device -> float64 tensor [sum f, sum |f|, sum |r| |x|]
 
-    def _probe(self, path, d: int, device) -> Tensor:
-        key = (path, d, str(device))
+    def _probe(self, path, shape, device) -> Tensor:
+        key = (path, shape, str(device))
         r = self.probes.get(key)
         if r is None:
-            seed = zlib.crc32(repr((path, d)).encode())
-            g = torch.Generator().manual_seed(seed)
-            r = (torch.randn(d, generator=g, dtype=torch.float64) / math.sqrt(d)).to(device)
-            self.probes[key] = r
+            r = self.probes[key] = _probe_values(path, shape).to(device)
         return r
 
-    def _add(self, s: Tensor) -> None:
+    def _add(self, s: Tensor, magnitude: Tensor) -> None:
         s = torch.sin(s)
         acc = self.acc.get(s.device)
         if acc is None:
-            acc = self.acc[s.device] = torch.zeros(2, dtype=torch.float64, device=s.device)
+            acc = self.acc[s.device] = torch.zeros(3, dtype=torch.float64, device=s.device)
         acc[0] += s.sum()
         acc[1] += s.abs().sum()
+        acc[2] += magnitude.sum().to(s.device)
 
     def add(self, x, y, nb: int) -> None:
-        arg = None
+        arg = mag = None
         for path, leaf in _leaves(("x", x, "y", y)):
             if not isinstance(leaf, Tensor) or leaf.is_complex():
                 continue
@@ -180,23 +222,25 @@ class _Fingerprint:
             rows = t.reshape(t.shape[0], -1)
             if rows.shape[1] == 0:
                 continue
-            r = self._probe(path, rows.shape[1], rows.device)
+            r = self._probe(path, tuple(t.shape[1:]), rows.device)
             step = max(1, _CHUNK // rows.shape[1])  # bounds the float64 copy of a large batch
-            a = torch.cat([rows[s:s + step].to(torch.float64) @ r for s in range(0, rows.shape[0], step)])
+            chunks = [rows[s:s + step].to(torch.float64) for s in range(0, rows.shape[0], step)]
+            a = torch.cat([c @ r for c in chunks])
+            m = torch.cat([c.abs() @ r.abs() for c in chunks])
             if leaf.dim() >= 1 and leaf.shape[0] == nb:
                 arg = a if arg is None else arg + a.to(arg.device)
+                mag = m if mag is None else mag + m.to(mag.device)
             else:
-                self._add(a)
+                self._add(a, m)
         if arg is not None:
-            self._add(arg)
+            self._add(arg, mag)
 
-    def value(self) -> Tuple[float, float]:
-        total = [0.0, 0.0]
+    def value(self) -> Tuple[float, float, float]:
+        total = [0.0, 0.0, 0.0]
         for acc in self.acc.values():
-            v = acc.tolist()
-            total[0] += v[0]
-            total[1] += v[1]
-        return total[0], total[1]
+            for i, v in enumerate(acc.tolist()):
+                total[i] += v
+        return tuple(total)
 
 
 _CHANGED = (
@@ -205,6 +249,12 @@ _CHANGED = (
     "augmentation (random transforms in the dataset), do not combine drop_last=True with "
     "shuffle=True (each pass then drops other samples; drop_last=False is fine), and use a "
     "fixed data set (a DataLoader with shuffle=True over a fixed set is fine)")
+_PADDING = (
+    ". A collate_fn that pads each batch to its own longest sample is fine when it pads with "
+    "zeros at the end of a dimension; with another pad value (e.g. labels padded with -100, a "
+    "pad id that is not 0) or left padding, pad every batch to one fixed length, or, if the "
+    "samples are the same on every pass, turn this check off with "
+    "as_batches(data, check_data=False) and pass that as the data")
 
 
 def _upfront_count(source) -> int | None:
@@ -261,21 +311,28 @@ class Batches:
     Attributes:
         num_samples: total number of samples ``N`` over all batches (from the
             loader's sampler, or counted in a pass of its own: see the module docstring).
+        check_data: compare the fingerprints of the passes (module docstring);
+            ``False`` compares only their sample counts.
+
+    Attributes:
+        num_samples: total number of samples ``N`` over all batches (from the
+            loader's sampler, or counted in a pass of its own: see the module docstring).
         counting_passes: passes made only to count the samples.
     """
 
-    def __init__(self, source: Iterable, *, input_key=None, target_key=None):
+    def __init__(self, source: Iterable, *, input_key=None, target_key=None, check_data: bool = True):
         check_keys(input_key, target_key)
         self._source = source
         self.input_key, self.target_key = input_key, target_key
+        self.check_data = bool(check_data)  # (its type is checked by as_batches)
         self._num_samples: int | None = _upfront_count(source)
-        self._reference: Tuple[int, float, float] | None = None
+        self._reference: Tuple[int, float, float, float] | None = None
         self._probes: dict = {}
         self.counting_passes = 0
 
     def __iter__(self) -> Iterator[Tuple[object, object]]:
         count = 0
-        fingerprint = _Fingerprint(self._probes)
+        fingerprint = _Fingerprint(self._probes) if self.check_data else None
         for i, batch in enumerate(self._source):
             x, y = _pair(batch, i, self.input_key, self.target_key)
             try:
@@ -283,11 +340,12 @@ class Batches:
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"batch {i}: {exc}") from None
             count += nb
-            fingerprint.add(x, y, nb)
+            if fingerprint is not None:
+                fingerprint.add(x, y, nb)
             yield x, y
-        self._record_pass(count, *fingerprint.value())
+        self._record_pass(count, *(fingerprint.value() if fingerprint is not None else (0.0,) * 3))
 
-    def _record_pass(self, count: int, value: float, scale: float) -> None:
+    def _record_pass(self, count: int, value: float, scale: float, magnitude: float) -> None:
         """Keep the first complete pass's fingerprint; compare every later one with it."""
         if self._reference is None:
             if self._num_samples is not None and count != self._num_samples:
@@ -295,17 +353,18 @@ class Batches:
                     f"the DataLoader's sampler promises {self._num_samples} samples, but a pass "
                     f"yielded {count}: a collate_fn that changes the batch size is not supported; "
                     "the first dimension of every input must count the samples of its batch")
-            self._reference = (count, value, scale)
+            self._reference = (count, value, scale, magnitude)
             self._num_samples = count
             return
-        count0, value0, scale0 = self._reference
+        count0, value0, scale0, magnitude0 = self._reference
         if count != count0:
             raise ValueError(_CHANGED.format(
                 what=f"{count0} samples in an earlier pass, {count} in this one"))
-        if abs(value - value0) > _FINGERPRINT_RTOL * (scale + scale0) + 1e-300:
+        tol = _FINGERPRINT_RTOL * (scale + scale0) + _ROUNDING * (magnitude + magnitude0) + 1e-300
+        if abs(value - value0) > tol:
             raise ValueError(_CHANGED.format(
                 what=f"the same number of samples ({count}), but other values (fingerprint "
-                     f"{value0:.12g} in an earlier pass, {value:.12g} in this one)"))
+                     f"{value0:.12g} in an earlier pass, {value:.12g} in this one)") + _PADDING)
 
     @property
     def num_samples(self) -> int:
@@ -317,11 +376,13 @@ class Batches:
 
     def _like(self, source) -> "Batches":
         """``source`` as :class:`Batches` with this one's keys."""
-        return Batches(source, input_key=self.input_key, target_key=self.target_key)
+        return Batches(source, input_key=self.input_key, target_key=self.target_key,
+                       check_data=self.check_data)
 
     def with_keys(self, input_key, target_key) -> "Batches":
         """The same source read with other keys."""
-        return Batches(self._source, input_key=input_key, target_key=target_key)
+        return Batches(self._source, input_key=input_key, target_key=target_key,
+                       check_data=self.check_data)
 
     def subset(self, index: Tensor) -> "Batches":
         """The samples at ``index`` (a 1-d int tensor of positions in a fixed order of the samples).
@@ -382,7 +443,7 @@ def _tree_cat(trees):
     if isinstance(first, Mapping):
         return {k: _tree_cat([t[k] for t in trees]) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_tree_cat([t[i] for t in trees]) for i in range(len(first)))
+        return sequence_like(first, (_tree_cat([t[i] for t in trees]) for i in range(len(first))))
     raise TypeError(f"a batch holds a {type(first).__name__}")
 
 
@@ -393,7 +454,7 @@ def _tree_rows(tree, index):
     if isinstance(tree, Mapping):
         return {k: _tree_rows(v, index) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_tree_rows(v, index) for v in tree)
+        return sequence_like(tree, (_tree_rows(v, index) for v in tree))
     raise TypeError(f"cannot index a {type(tree).__name__}")
 
 
@@ -426,6 +487,7 @@ class TensorBatches(Batches):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.X, self.Y, self.batch_size = X, Y, batch_size
         self.input_key = self.target_key = None
+        self.check_data = False  # fixed by construction
         self._num_samples = nx
         self._reference = None
         self.counting_passes = 0
@@ -434,6 +496,11 @@ class TensorBatches(Batches):
         for start in range(0, self._num_samples, self.batch_size):
             rows = slice(start, start + self.batch_size)
             yield _tree_rows(self.X, rows), _tree_rows(self.Y, rows)
+
+    def with_keys(self, input_key, target_key) -> "TensorBatches":
+        """This data, when the keys say what ``(X, Y)`` is already; else ``ValueError``."""
+        check_tensor_keys(input_key, target_key)
+        return self
 
     def rows(self, index) -> "TensorBatches":
         """The samples ``index`` (a slice or 1-d index tensor) as new batches."""
@@ -447,7 +514,42 @@ class TensorBatches(Batches):
         return self.X, self.Y
 
 
-def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None) -> Batches:
+def check_tensor_keys(input_key, target_key) -> None:
+    """Raise unless the keys fit ``(X, Y)`` tensor data: ``None`` or positions 0 and 1.
+
+    ``TypeError`` for keys no data takes (:func:`check_keys`), ``ValueError`` for others.
+    """
+    check_keys(input_key, target_key)
+    if input_key in (None, 0) and target_key in (None, 1) and not isinstance(input_key, bool) \
+            and not isinstance(target_key, bool):
+        return
+    raise ValueError(
+        f"data is (X, Y) tensors, whose input is X and target Y, but input_key={input_key!r} and "
+        f"target_key={target_key!r} were given: keys name entries of dict or tuple batches (a "
+        "DataLoader or a list of batches). With (X, Y), drop input_key and target_key (or pass "
+        "0 and 1), and put the input first; for whole-data dicts pass (d[input_key], d[target_key])")
+
+
+def _tensor_tree(t) -> bool:
+    """``t`` is a tensor, or a non-empty tuple, list or dict of tensor trees."""
+    if isinstance(t, Tensor):
+        return True
+    items = t.values() if isinstance(t, Mapping) else t if isinstance(t, (list, tuple)) else None
+    return bool(items) and all(_tensor_tree(v) for v in items)
+
+
+def _is_whole_data(data) -> bool:
+    """``data`` is ``(X, Y)``: two tensor trees, one of them a tensor.
+
+    A pair of trees neither of which is a tensor stays a list of two batches
+    (``[(x1, y1), (x2, y2)]``, two dict batches).
+    """
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and any(isinstance(t, Tensor) for t in data) and all(_tensor_tree(t) for t in data))
+
+
+def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None,
+               check_data: bool = True) -> Batches:
     """Turn ``data`` into :class:`Batches` (see the module docstring).
 
     Args:
@@ -456,35 +558,53 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None) 
         batch_size: batch size for ``(X, Y)``.
         input_key, target_key: the entries of a batch that are the input and the
             target (module docstring).
+        check_data: ``False`` turns off the comparison of the passes' values (not
+            of their sample counts; module docstring), e.g. for padding that the
+            fingerprint sees as a change.  ``(X, Y)`` is never compared.
 
     Raises:
         TypeError: ``data`` is neither a loader, an iterable of batches nor ``(X, Y)``.
         ValueError: ``(X, Y)`` of different lengths or 0-dim; keys that do not
             match ``Batches`` given with other keys.
     """
-    check_keys(input_key, target_key)
+    # the keys are checked where they are stored: Batches.__init__, check_tensor_keys
+    if not isinstance(check_data, bool):
+        raise TypeError(f"check_data must be True or False, got {check_data!r}")
     if isinstance(data, Batches):
         keys, own = (input_key, target_key), (data.input_key, data.target_key)
-        if keys == (None, None) or keys == own or isinstance(data, TensorBatches):
+        if not check_data and data.check_data and not isinstance(data, TensorBatches):
+            data = Batches(data._source, input_key=own[0], target_key=own[1], check_data=False)
+        if keys == (None, None) or keys == own:
             return data
+        if isinstance(data, TensorBatches):
+            return data.with_keys(*keys)
         if own == (None, None):
             return data.with_keys(input_key, target_key)
         raise ValueError(
             f"data is a Batches made with input_key={data.input_key!r}, target_key="
             f"{data.target_key!r}; got input_key={input_key!r}, target_key={target_key!r}")
     if isinstance(data, torch.utils.data.DataLoader):
-        return Batches(data, input_key=input_key, target_key=target_key)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return Batches(data, input_key=input_key, target_key=target_key, check_data=check_data)
+    if _is_whole_data(data):
         X, Y = data
+        lengths = {}
         for name, t in (("X", X), ("Y", Y)):
-            if t.dim() == 0:
-                raise ValueError(
-                    f"data is (X, Y) and {name} is a 0-dim tensor: both need a first dimension that "
-                    f"counts the samples (e.g. {name}.reshape(1, ...) for one sample)")
-        if len(X) != len(Y):
+            for _, leaf in _leaves(t):
+                if leaf.dim() == 0:
+                    raise ValueError(
+                        f"data is (X, Y) and {name} {'is' if leaf is t else 'holds'} a 0-dim tensor: "
+                        "every tensor of X and Y needs a first dimension that counts the samples "
+                        "(e.g. t.reshape(1, ...) for one sample)")
+            try:
+                lengths[name] = _tree_len(t, name)
+            except ValueError as exc:
+                raise ValueError(f"data is (X, Y) and {exc}: every tensor of X and Y needs one row "
+                                 "per sample") from None
+        if lengths["X"] != lengths["Y"]:
             raise ValueError(
-                f"data is (X, Y) with {len(X)} inputs but {len(Y)} targets: X and Y must have the "
-                "same first dimension (one target per input)")
+                f"data is (X, Y) with {lengths['X']} inputs but {lengths['Y']} targets: X and Y must "
+                "have the same first dimension (one target per input)")
+        check_tensor_keys(input_key, target_key)
         return TensorBatches(X, Y, batch_size)
     if isinstance(data, (Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
         extra = (" (a dict of whole-data tensors: pass (d['inputs'], d['targets']) with its keys)"
@@ -494,4 +614,4 @@ def as_batches(data, batch_size: int = 256, *, input_key=None, target_key=None) 
             f"batches, or a tuple (X, Y) of tensors with the same first dimension{extra}")
     if isinstance(data, Iterator):  # one-shot (a generator): keep its batches for later passes
         data = list(data)
-    return Batches(data, input_key=input_key, target_key=target_key)
+    return Batches(data, input_key=input_key, target_key=target_key, check_data=check_data)

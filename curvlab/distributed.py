@@ -55,6 +55,15 @@ outright (killed, out of memory) cannot report; the others then fail when the
 backend notices: at once for gloo when the peer's connection closes,
 otherwise after the process group's ``timeout`` (see :func:`init_from_env`).
 
+Costs.  An operator's ``cost.hvps``, ``samples``, ``passes`` and
+``grad_samples`` count the work of all ranks together (the same numbers on
+every rank, equal to one process's on the full data); ``cost.forward_samples``
+(the loss check, run by each rank on its own first batch) and
+``cost.load_passes`` (a pass that only counts the rank's shard) are this
+rank's own and may differ between ranks; ``seconds`` is this rank's wall time.
+:func:`curvlab.extremes`'s ``CostRecord`` sums its operators' costs, so the
+same holds for its fields.
+
 Backends.  gloo reduces CPU tensors (products computed on a GPU are copied to
 the CPU for it); NCCL reduces tensors on the rank's own GPU, so each process
 must use a different device: ``torch.cuda.set_device(local_rank)`` and keep
@@ -183,6 +192,7 @@ class PreSharded(Batches):
     def __init__(self, data, batch_size: int = 256):
         super().__init__(None)
         self.part: Batches = as_batches(data, batch_size)
+        self.input_key, self.target_key = self.part.input_key, self.part.target_key
 
     def _refuse(self):
         raise ValueError(
@@ -202,10 +212,8 @@ class PreSharded(Batches):
         self._refuse()
 
     def with_keys(self, input_key, target_key) -> "PreSharded":
-        out = PreSharded([])
-        out.part = self.part.with_keys(input_key, target_key)
-        out.input_key, out.target_key = input_key, target_key
-        return out
+        """This shard read with other keys (``(X, Y)`` tensors take none: see :func:`~curvlab.data.as_batches`)."""
+        return PreSharded(self.part.with_keys(input_key, target_key))
 
 
 def presharded(data, batch_size: int = 256) -> PreSharded:
@@ -418,7 +426,8 @@ class DataParallel:
         local: this rank's :class:`~curvlab.data.Batches`.
 
     Cost at construction: one pass over the rank's shard when its size is not
-    known upfront, and one small all-gather.
+    known upfront (the operator's ``cost.load_passes``, this rank's own), and
+    one small all-gather.
     """
 
     def __init__(self, batches: Batches, *, enabled: bool | None = None, process_group=None,

@@ -20,8 +20,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .data import check_keys
-from .functional import FunctionalModel, check_dtype, evaluation_mode
+from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
 from .multilevel import POLICY, _multilevel, _warm_sizes
 from .solve import _attach_approximation, _Context, _exact, _hvp_samples
@@ -346,12 +345,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, loss_fn(output, target) -> scalar batch mean "
                         f"(e.g. torch.nn.functional.cross_entropy), got {type(loss_fn).__name__}")
-    if output_fn is not None and not callable(output_fn):
-        raise TypeError(f"output_fn must be callable (e.g. lambda out: out[0]) or None, "
-                        f"got {type(output_fn).__name__}")
-    check_keys(input_key, target_key)
-    if dtype is not None:
-        check_dtype(dtype)
+    # output_fn and dtype are checked by FunctionalModel, input_key/target_key where the data
+    # is wrapped (curvlab.data): both before any data is read
     if init is not None and not isinstance(init, ExtremesResult):
         raise TypeError(f"init must be a previous ExtremesResult, got {type(init).__name__}")
     if not isinstance(model, nn.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, Iterator, Tuple
 
@@ -101,6 +102,16 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def sequence_like(x, items):
+    """A tuple or list of ``x``'s type holding ``items``.
+
+    A namedtuple takes its items as positional arguments, any other sequence
+    type (tuple, list, ``torch.return_types``) the iterable itself.
+    """
+    items = list(items)
+    return type(x)(*items) if hasattr(type(x), "_fields") else type(x)(items)
+
+
 class FunctionalModel:
     """A model as a pure function ``(params, x) -> output``.
 
@@ -168,12 +179,16 @@ class FunctionalModel:
         return self.spec.flatten(self.params)
 
     def to_input(self, x):
-        """Move a batch's input to the model's device and (if floating) dtype."""
+        """Move a batch's input to the model's device and (if floating) dtype.
+
+        Tensors inside tuples (namedtuples too), lists and mappings are moved; a
+        mapping (``dict``, ``UserDict``, a ``BatchEncoding``) comes back as a ``dict``.
+        """
         if isinstance(x, Tensor):
             return self._cast(x)
         if isinstance(x, (list, tuple)):
-            return type(x)(self.to_input(t) for t in x)
-        if isinstance(x, dict):
+            return sequence_like(x, (self.to_input(t) for t in x))
+        if isinstance(x, Mapping):
             return {k: self.to_input(v) for k, v in x.items()}
         return x
 
@@ -219,7 +234,7 @@ def batch_size_of(x) -> int:
         return x.shape[0]
     if isinstance(x, (list, tuple)) and x:
         return batch_size_of(x[0])
-    if isinstance(x, dict) and x:
+    if isinstance(x, Mapping) and x:
         return batch_size_of(next(iter(x.values())))
     raise TypeError(f"cannot tell the batch size of an input of type {type(x).__name__}")
 

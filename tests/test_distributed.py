@@ -107,6 +107,7 @@ def scenario_products(rank, world):
                          local_counts=H.parallel.local_counts, block=H.matvec(V), vec=H.matvec(V[0]),
                          loss=loss, grad=g, curv=H.per_sample_curvature(V[0]),
                          cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples),
+                         rank_cost=(H.cost.forward_samples, H.cost.load_passes),
                          ids=H.parallel.gather(lambda: [x[:, 0].clone() for x, _ in H.parallel.local], D))
     # the strided scheme, through the reducer itself
     dp = DataParallel(as_batches((X, Y), BATCH), scheme="strided")
@@ -315,7 +316,8 @@ def reference():
         loss, g = H.loss_and_gradient()
         out[kind] = dict(block=H.matvec(V), vec=H.matvec(V[0]), loss=loss, grad=g,
                          curv=H.per_sample_curvature(V[0]),
-                         cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples))
+                         cost=(H.cost.hvps, H.cost.samples, H.cost.passes, H.cost.grad_samples),
+                         rank_cost=(H.cost.forward_samples, H.cost.load_passes))
     X12, Y12 = make_data(12)
     H12 = HessianOperator(model, F.cross_entropy, (X12, Y12))
     out["sampler12"] = H12.matvec(make_block(H12.n))
@@ -396,6 +398,15 @@ def test_strided_shards_gather_in_order(products):
 def test_cost_counts_all_ranks(products, reference, kind):
     for r in products:
         assert r[kind]["cost"] == reference[kind]["cost"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_check_and_counting_pass_count_this_rank(products, reference, kind):
+    """forward_samples and load_passes are per rank (documented), unlike the fields above."""
+    expected = {"tensors": (8, 0), "batches": (8, 1), "loader": (6, 0)}[kind]  # first batch 4, 4, 3
+    assert reference[kind]["rank_cost"] == expected
+    for r in products:  # every rank's first batch has the one process's size: not summed over ranks
+        assert r[kind]["rank_cost"] == expected
 
 
 def test_products_bit_identical_across_ranks(products):
@@ -583,6 +594,25 @@ def test_presharded_cannot_be_subsampled():
         PreSharded(make_data()).subset(torch.arange(3))
     with pytest.raises(ValueError, match="full data"):
         list(PreSharded(make_data()))
+
+
+def test_presharded_takes_keys():
+    """Keys reach a presharded source's batches, or are refused by name for (X, Y) tensors."""
+    model = make_model()
+    X, Y = make_data()
+    ref = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=BATCH)
+    V = make_block(ref.n)
+    dicts = [{"pixel_values": X[s:s + BATCH], "labels": Y[s:s + BATCH]} for s in range(0, N, BATCH)]
+    H = HessianOperator(model, F.cross_entropy, presharded(dicts), input_key="pixel_values",
+                        target_key="labels")
+    assert H.num_samples == N and _rel(H.matvec(V), ref.matvec(V)) < RTOL
+    b = as_batches(presharded((X, Y), BATCH), input_key=0, target_key=1)  # what (X, Y) is anyway
+    assert isinstance(b, PreSharded) and sum(len(x) for x, _ in b.part) == N
+    with pytest.raises(ValueError, match=r"data is \(X, Y\) tensors.*input_key='x'.*drop input_key"):
+        as_batches(presharded((X, Y), BATCH), input_key="x", target_key="y")
+    with pytest.raises(ValueError, match=r"made with input_key='pixel_values'"):
+        as_batches(presharded(as_batches(dicts, input_key="pixel_values", target_key="labels")),
+                   input_key="image", target_key="labels")
 
 
 if __name__ == "__main__":

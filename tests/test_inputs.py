@@ -237,6 +237,64 @@ def test_list_inputs_from_default_collate():
     _check_dense(r, inner, X, Y)
 
 
+class TwoArgs(nn.Module):
+    """``forward(x_a, x_b)`` (a tuple input is unpacked) or ``forward({"a": x_a, "b": x_b})``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, a, b=None):
+        if b is None:
+            a, b = a["a"], a["b"]
+        return self.inner(torch.cat([a, b], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict"])
+def test_whole_data_with_several_input_tensors(kind):
+    """``(X, Y)`` whose X is a tuple, list or dict of tensors, cut into batches like tensors."""
+    inner = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    parts = (X[:, :2], X[:, 2:])
+    Xs = {"tuple": parts, "list": list(parts), "dict": dict(a=parts[0], b=parts[1])}[kind]
+    model = TwoInputs(inner) if kind == "list" else TwoArgs(inner)
+    b = as_batches((Xs, Y), batch_size=8)
+    assert b.num_samples == 30 and [len(y) for _, y in b] == [8, 8, 8, 6]
+    r = curvlab.extremes(model, F.cross_entropy, (Xs, Y), batch_size=8, **TIGHT)
+    _check_dense(r, inner, X, Y)
+
+
+def test_mapping_inputs_are_counted_and_moved():
+    """A ``UserDict``-like input (``BatchEncoding``) is a dict to curvlab: counted, cast, moved."""
+    from collections import UserDict
+    from curvlab.functional import batch_size_of
+    inner = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    batches = [(UserDict(a=X[s:s + 8, :2].float(), b=X[s:s + 8, 2:].float()), Y[s:s + 8])
+               for s in range(0, 30, 8)]
+    assert batch_size_of(batches[0][0]) == 8
+    x = FunctionalModel(inner).to_input(batches[0][0])
+    assert x["a"].dtype == D and x["b"].dtype == D
+    r = curvlab.extremes(TwoArgs(inner), F.cross_entropy, batches, tol=1e-5, tol_min=1e-5, floor=0.0)
+    _check_dense(r, inner, X.float().double(), Y, tol=1e-5)
+
+
+def test_namedtuple_inputs_keep_their_type():
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "a b")
+    X, Y = classification_data(30, (5,))
+    xs = Pair(X[:, :2].float(), X[:, 2:].float())
+    moved = FunctionalModel(tiny_mlp()).to_input(xs)
+    assert type(moved) is Pair and moved.a.dtype == D and torch.equal(moved.b, X[:, 2:].float().double())
+    b = as_batches((xs, Y), batch_size=8)  # cut by rows
+    x0, _ = next(iter(b))
+    assert type(x0) is Pair and len(x0.a) == 8
+    assert type(b.subset(torch.tensor([3, 1])).X) is Pair
+    loaded = Batches([(Pair(xs.a[s:s + 8], xs.b[s:s + 8]), Y[s:s + 8]) for s in range(0, 30, 8)])
+    Xm, Ym = loaded.materialize()  # concatenated, e.g. for subsampling
+    assert type(Xm) is Pair and torch.equal(Xm.a, xs.a) and torch.equal(Ym, Y)
+
+
 def test_index_triples():
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))
@@ -478,6 +536,12 @@ BAD = [
     ("callback not callable", None, (X0, Y0), dict(callback="print"), TypeError, r"callback must be callable"),
     ("progress not a bool", None, (X0, Y0), dict(progress="yes"), TypeError, r"progress must be True or False"),
     ("approx_rank 0", None, (X0, Y0), dict(approx_rank=0), ValueError, r"approx_rank must be an int >= 1"),
+    ("keys with (X, Y) tensors", None, (X0, Y0), dict(input_key="pixel_values", target_key="labels"),
+     ValueError, r"data is \(X, Y\) tensors.*input_key='pixel_values'.*drop input_key"),
+    ("(X, Y) with X a tuple of different lengths", None, ((X0[:, :2], X0[:20, 2:]), Y0), {}, ValueError,
+     r"data is \(X, Y\) and the tensors of X have different numbers of samples: \[20, 30\]"),
+    ("(X, Y) with X a dict, of other length than Y", None, ({"a": X0}, Y0[:20]), {}, ValueError,
+     r"\(X, Y\) with 30 inputs but 20 targets"),
     ("whole data as a dict", None, {"x": X0, "y": Y0}, {}, TypeError, r"data is a dict: pass a DataLoader"),
 ]
 
@@ -567,3 +631,132 @@ def test_loss_check_skips_batches_it_cannot_split():
     mask = torch.ones(5, dtype=D)
     H = HessianOperator(Masked().eval(), F.cross_entropy, [((X, mask), Y)])
     assert H.cost.forward_samples == 6
+
+
+# -------------------------------------------------------------------- dynamic padding
+
+class Sequences(Dataset):
+    """Samples of different lengths: ``x`` of shape ``(L_i, 2)`` (``(2, L_i)`` channels first)."""
+
+    def __init__(self, n=24, channels_first=False, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        self.lengths = [int(v) for v in torch.randint(1, 7, (n,), generator=g)]
+        self.X = [torch.randn(L, 2, generator=g, dtype=D) for L in self.lengths]
+        self.Y = torch.randint(0, 3, (n,), generator=g)
+        self.channels_first = channels_first
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        x = self.X[i].T if self.channels_first else self.X[i]
+        return x, self.Y[i]
+
+    def padded(self, length=6):
+        """All samples padded with zeros to one fixed length (what the model sees, up to padding)."""
+        return torch.stack([F.pad(x, (0, 0, 0, length - len(x))) for x in self.X]), self.Y
+
+
+def _pad_collate(value=0.0, dim=0):
+    """Pads every sample to the longest of its batch (dim ``dim`` of a sample), as NLP collates do."""
+    def collate(items):
+        longest = max(x.shape[dim] for x, _ in items)
+        xs = []
+        for x, _ in items:
+            pad = [0, 0] * x.dim()
+            pad[2 * (x.dim() - 1 - dim) + 1] = longest - x.shape[dim]
+            xs.append(F.pad(x, pad, value=value))
+        return torch.stack(xs), torch.stack([y for _, y in items])
+    return collate
+
+
+class SumPool(nn.Module):
+    """Per-position features without bias, summed over positions: zero padding changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Sequential(nn.Linear(2, 4, bias=False), nn.Tanh()).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.head(self.inner(x).sum(1))
+
+
+def _padded_loader(ds, value=0.0, dim=0, seed=0):
+    return DataLoader(ds, batch_size=5, shuffle=True, collate_fn=_pad_collate(value, dim),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_dynamic_padding_passes_the_fingerprint(channels_first):
+    """A shuffled loader padding each batch to its own longest sample is the same data each pass."""
+    ds = Sequences(channels_first=channels_first)
+    b = as_batches(_padded_loader(ds, dim=1 if channels_first else 0))
+    widths = set()
+    for _ in range(5):
+        widths |= {x.shape[2 if channels_first else 1] for x, _ in b}
+        assert sum(len(x) for x, _ in b) == len(ds)
+    assert len(widths) > 1  # the padding did change from batch to batch
+
+
+def test_dynamic_padding_gives_the_dense_extremes():
+    ds = Sequences()
+    model = SumPool()
+    r = curvlab.extremes(model, F.cross_entropy, _padded_loader(ds), **TIGHT)
+    _check_dense(r, model, *ds.padded())
+
+
+def test_padding_that_changes_the_fingerprint_is_named_and_can_be_waived():
+    ds = Sequences()
+    b = as_batches(_padded_loader(ds, value=-1.0))  # a pad value that is not zero
+    with pytest.raises(ValueError, match=r"data changed between passes.*pads? .*zero.*check_data=False"):
+        for _ in range(5):
+            for _ in b:
+                pass
+    b = as_batches(_padded_loader(ds, value=-1.0), check_data=False)
+    for _ in range(5):
+        assert sum(len(x) for x, _ in b) == len(ds)
+    X, Y = classification_data(12, (5,))
+    passes = iter([[(X, Y)], [(X[:6], Y[:6])]])
+
+    class Shrinking:
+        def __iter__(self):
+            return iter(next(passes))
+
+    b = as_batches(Shrinking(), check_data=False)  # the sample count is still compared
+    assert sum(len(x) for x, _ in b) == 12
+    with pytest.raises(ValueError, match=r"data changed between passes: 12 samples .* 6 in this"):
+        for _ in b:
+            pass
+
+
+# -------------------------------------------------------------------- one check per argument
+
+def test_each_argument_is_validated_once(monkeypatch):
+    """Keys and dtype are checked where they are used (Batches, FunctionalModel), not again upstream."""
+    import sys
+    import curvlab.data
+    import curvlab.functional
+    api = sys.modules["curvlab.extremes"]  # the module (curvlab.extremes is the function)
+    calls = {"keys": 0, "dtype": 0}
+
+    def counted(name, check):
+        def wrapper(*args):
+            calls[name] += 1
+            return check(*args)
+        return wrapper
+
+    keys, dtype = counted("keys", curvlab.data.check_keys), counted("dtype", curvlab.functional.check_dtype)
+    monkeypatch.setattr(curvlab.data, "check_keys", keys)
+    monkeypatch.setattr(curvlab.functional, "check_dtype", dtype)
+    monkeypatch.setattr(api, "check_keys", keys, raising=False)
+    monkeypatch.setattr(api, "check_dtype", dtype, raising=False)
+    X, Y = classification_data(20, (5,))
+    batches = [(X[s:s + 8], Y[s:s + 8]) for s in range(0, 20, 8)]
+    curvlab.extremes(tiny_mlp(), F.cross_entropy, batches, input_key=0, target_key=1,
+                     dtype=torch.float64, max_hvps=2)
+    assert calls == {"keys": 1, "dtype": 1}
+    calls.update(keys=0, dtype=0)
+    curvlab.extremes(tiny_mlp(), F.cross_entropy, (X, Y), input_key=0, target_key=1, max_hvps=2)
+    assert calls == {"keys": 1, "dtype": 0}
