@@ -62,7 +62,6 @@ pass also becomes the reference fingerprint.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Tuple

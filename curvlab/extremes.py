@@ -50,6 +50,11 @@ class CostRecord:
         load_passes: passes that only loaded the data to count its samples
             (a loader that cannot say its size upfront); no model is run in
             them, and they are not in ``passes``.
+
+    In a torch.distributed job ``forward_samples`` and ``load_passes`` are per rank
+    (this rank's loss check and counting pass; they may differ between ranks), while
+    ``hvps``, ``samples``, ``passes`` and ``products`` count all ranks together;
+    ``seconds`` is this rank's wall time.
     """
 
     hvps: float
@@ -342,11 +347,8 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (it gets each step's trace dict) or None, "
                         f"got {type(callback).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, loss_fn(output, target) -> scalar batch mean "
-                        f"(e.g. torch.nn.functional.cross_entropy), got {type(loss_fn).__name__}")
-    # output_fn and dtype are checked by FunctionalModel, input_key/target_key where the data
-    # is wrapped (curvlab.data): both before any data is read
+    # output_fn and dtype are checked by FunctionalModel, loss_fn by HessianOperator,
+    # input_key/target_key where the data is wrapped (curvlab.data): all before data is read
     if init is not None and not isinstance(init, ExtremesResult):
         raise TypeError(f"init must be a previous ExtremesResult, got {type(init).__name__}")
     if not isinstance(model, nn.Module):

@@ -114,8 +114,8 @@ class HessianOperator(DataLoop):
                  distributed: bool | None = None, process_group=None,
                  output_fn: Callable | None = None, input_key=None, target_key=None):
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (e.g. torch.nn.functional.cross_entropy), "
-                            f"got {type(loss_fn).__name__}")
+            raise TypeError(f"loss_fn must be callable, loss_fn(output, target) -> scalar batch mean "
+                            f"(e.g. torch.nn.functional.cross_entropy), got {type(loss_fn).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fmodel is not None and output_fn is not None:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
 
 from .distributed import DataParallel
-from .functional import FunctionalModel, batch_size_of
+from .functional import FunctionalModel, batch_size_of, sequence_like
 
 __all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches"]
 
@@ -54,6 +55,12 @@ class Cost:
             its two halves, twice the batch's samples).
         load_passes: passes that only loaded the data, to count its samples
             (no model evaluated; see :mod:`curvlab.data`).  Not in ``passes``.
+
+    In a torch.distributed job, ``forward_samples`` and ``load_passes`` are this
+    rank's own (the loss check runs on the rank's first batch, the counting pass
+    reads the rank's shard) and may differ between ranks, while ``hvps``,
+    ``samples``, ``passes`` and ``grad_samples`` count the work of all ranks
+    together (the same on every rank); ``seconds`` is this rank's wall time.
     """
 
     hvps: float = 0.0
@@ -278,12 +285,12 @@ def _rows(tree, rows: slice, nb: int):
     """Rows of every tensor of a batch input/target; ``None`` if one has no leading ``nb`` dim."""
     if isinstance(tree, Tensor):
         return tree[rows] if tree.dim() >= 1 and tree.shape[0] == nb else None
-    if isinstance(tree, dict):
+    if isinstance(tree, Mapping):
         out = {k: _rows(v, rows, nb) for k, v in tree.items()}
         return None if any(v is None for v in out.values()) else out
     if isinstance(tree, (list, tuple)) and tree:
         out = [_rows(v, rows, nb) for v in tree]
-        return None if any(v is None for v in out) else type(tree)(out)
+        return None if any(v is None for v in out) else sequence_like(tree, out)
     return None
 
 
@@ -296,8 +303,8 @@ _EXPLAINED = (TypeError, ValueError, RuntimeError, IndexError, KeyError, Attribu
 def _describe(obj) -> str:
     if isinstance(obj, Tensor):
         return f"shape {tuple(obj.shape)}, {obj.dtype}"
-    if isinstance(obj, dict):
-        return "dict {" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, Mapping):
+        return f"{type(obj).__name__} {{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in obj.items()) + "}"
     if isinstance(obj, (list, tuple)):
         return f"{type(obj).__name__} [" + ", ".join(_describe(v) for v in obj) + "]"
     return f"a {type(obj).__name__}"

@@ -295,6 +295,27 @@ def test_namedtuple_inputs_keep_their_type():
     assert type(Xm) is Pair and torch.equal(Xm.a, xs.a) and torch.equal(Ym, Y)
 
 
+def test_namedtuple_inputs_through_extremes():
+    # a model taking two tensors, fed as a namedtuple (positional arguments of forward);
+    # the mean-loss check and the rounding probe cut such batches into rows
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "a b")
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, a, b):
+            return self.inner(torch.cat([a, b], dim=1))
+
+    inner = tiny_mlp()
+    X, Y = classification_data(30, (5,))
+    batches = [(Pair(X[i:i + 8, :2], X[i:i + 8, 2:]), Y[i:i + 8]) for i in range(0, 30, 8)]
+    r = curvlab.extremes(TwoInputs(inner), F.cross_entropy, batches, **TIGHT)
+    _check_dense(r, inner, X, Y)
+
+
 def test_index_triples():
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))

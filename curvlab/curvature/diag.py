@@ -33,13 +33,14 @@ parameters it neither factors nor reaches through a leaf module).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from ..functional import FunctionalModel
+from ..functional import FunctionalModel, sequence_like
 from ..hvp import Cost
 from .base import (CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches,
                    unsqueeze_input)
@@ -130,8 +131,8 @@ def _slice(x, start, stop):
     if isinstance(x, Tensor):
         return x[start:stop]
     if isinstance(x, (list, tuple)):
-        return type(x)(_slice(t, start, stop) for t in x)
-    if isinstance(x, dict):
+        return sequence_like(x, (_slice(t, start, stop) for t in x))
+    if isinstance(x, Mapping):
         return {k: _slice(v, start, stop) for k, v in x.items()}
     return x
 
