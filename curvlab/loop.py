@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .distributed import DataParallel
-from .functional import FunctionalModel, batch_size_of, sequence_like
+from .functional import FunctionalModel, batch_size_of
+from .trees import _rows_or_none
 
 __all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches"]
 
@@ -214,8 +215,8 @@ class DataLoop(OnParameters):
             with torch.no_grad():
                 full = self.batch_loss(params, x, y, index)
                 self.cost.forward_samples += nb
-                halves = [(_rows(x, slice(0, h), nb), _rows(y, slice(0, h), nb)),
-                          (_rows(x, slice(h, nb), nb), _rows(y, slice(h, nb), nb))]
+                halves = [(_rows_or_none(x, slice(0, h), nb), _rows_or_none(y, slice(0, h), nb)),
+                          (_rows_or_none(x, slice(h, nb), nb), _rows_or_none(y, slice(h, nb), nb))]
                 if nb < 2 or any(part is None for half in halves for part in half):
                     return  # one sample, or inputs that cannot be split: nothing to compare
                 l1 = self.batch_loss(params, *halves[0], index)
@@ -279,19 +280,6 @@ def check_finite(value: Tensor, index: int, what: str, hint: str = "") -> Tensor
     if not torch.isfinite(value).all():
         raise ValueError(f"{what} is not finite on batch {index}{hint}")
     return value
-
-
-def _rows(tree, rows: slice, nb: int):
-    """Rows of every tensor of a batch input/target; ``None`` if one has no leading ``nb`` dim."""
-    if isinstance(tree, Tensor):
-        return tree[rows] if tree.dim() >= 1 and tree.shape[0] == nb else None
-    if isinstance(tree, Mapping):
-        out = {k: _rows(v, rows, nb) for k, v in tree.items()}
-        return None if any(v is None for v in out.values()) else out
-    if isinstance(tree, (list, tuple)) and tree:
-        out = [_rows(v, rows, nb) for v in tree]
-        return None if any(v is None for v in out) else sequence_like(tree, out)
-    return None
 
 
 # the errors torch and Python raise for wrong shapes, dtypes and types get the batch's context;

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .functional import batch_size_of
 from .hvp import Cost, HessianOperator
-from .loop import _rows
+from .trees import _rows_or_none
 from .lanczos import lanczos
 
 
@@ -308,7 +308,7 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
                 break
         else:
             return
-        x, y = _rows(x, slice(0, probe), nb), _rows(y, slice(0, probe), nb)
+        x, y = _rows_or_none(x, slice(0, probe), nb), _rows_or_none(y, slice(0, probe), nb)
         if x is None or y is None:
             return  # a batch that cannot be cut: no probe (a whole batch in float64 may not fit)
         try:
