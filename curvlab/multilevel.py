@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .hvp import HessianOperator
-from .sampling import extreme_interval, holdout_estimate, holdout_size_for, kato_temple_interval
+from .sampling import (extreme_interval, guard_overturns, holdout_estimate, holdout_size_for,
+                       kato_temple_interval, sampling_room)
 from .solve import EndPair, _Context, _ends_of, _exact, _solve_ends
 
 
@@ -262,18 +263,6 @@ def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[floa
     return est.value - stat[0], (est.value - se) - kt[0]
 
 
-def _sampling_room(e_stat: float, e_kt: float, target: float) -> float:
-    """Largest ``s = z se`` with a half-width within ``target`` (``<= 0``: none).
-
-    Half-width: ``(e_stat + s) / 2`` when the subsample bound binds, ``s + e_kt / 2``
-    when Kato-Temple does; the better of the two.
-    """
-    room = 2 * target - e_stat
-    if math.isfinite(e_kt):
-        room = max(room, target - e_kt / 2)
-    return room
-
-
 def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: int) -> int:
     """Subsample size at which ``end``'s interval should meet ``target``.
 
@@ -319,7 +308,8 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     bounds the distance to *an* eigenvalue, the extreme one only once the Krylov
     space has found it: a search stopped early by the budget has not).  An end
     whose guard the holdout put beyond its extreme (``ctx.overturned``,
-    :func:`_overturns`) has not settled either.  Otherwise that side is infinite.
+    :func:`curvlab.sampling.guard_overturns`) has not settled either.  Otherwise
+    that side is infinite.
     """
     theta, _, res, conv, nxt = pair  # nxt: the guard
     N = ctx.H.num_samples
@@ -354,7 +344,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     or whose subsample-dependent part alone misses it (it needs a larger
     subsample, not a larger holdout), stops there; the others ask for the size
     at which the sampling error fits in the room that part leaves
-    (:func:`_sampling_room`, :func:`curvlab.sampling.holdout_size_for`), and only
+    (:func:`curvlab.sampling.sampling_room`, :func:`curvlab.sampling.holdout_size_for`), and only
     their vectors are multiplied on the next chunk.  The holdout at least
     doubles, goes straight to all remaining samples when that is most of them,
     and stays within the budget.  With ``spend_all`` (the last level the budget
@@ -395,7 +385,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         if t == 0:
             for j, e in enumerate(guards, start=len(active)):
                 g = holdout_estimate(part.row(j), 0, found[e].guard.theta, found[e].guard.residual, m, N)
-                if _overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
+                if guard_overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
                     ctx.overturned.add(e)
         t = t_next
         if t >= rest:
@@ -413,7 +403,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
                 if math.isfinite(half):
                     two_sided.add(e)
                 continue
-            room = _sampling_room(*_excesses(ctx, e, found[e], est, m), target)
+            room = sampling_room(*_excesses(ctx, e, found[e], est, m), target)
             if room >= POLICY.min_room * target:  # else S is too small: no holdout helps
                 wants[e] = holdout_size_for(est, ctx.z, POLICY.room_use * room, m, N)
         active = [e for e in active if wants.get(e, 0) > t]
@@ -429,15 +419,3 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         if t_new <= t + 1:
             return ests
         t_next = t_new
-
-
-def _overturns(end: str, extreme, guard, z: float) -> bool:
-    """Whether the holdout puts the subsample's guard vector beyond its extreme one.
-
-    For ``lambda_min``: the guard's unbiased Rayleigh quotient is below the extreme's by
-    more than ``z`` standard errors of the difference.  Then ``lambda_min`` is below the
-    guard's quotient (Courant-Fischer) and the subsample's extreme pair is not the full
-    data's: the outward bounds built on it (subsample extreme, Kato-Temple) do not hold.
-    """
-    gap = extreme.value - guard.value if end == "min" else guard.value - extreme.value
-    return gap > z * math.hypot(extreme.se, guard.se)

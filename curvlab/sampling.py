@@ -28,7 +28,7 @@ from torch import Tensor
 
 __all__ = ["RayleighEstimate", "holdout_rayleigh", "extreme_interval", "sample_size_for",
            "HoldoutAccumulator", "HoldoutEstimate", "holdout_estimate", "holdout_size_for",
-           "kato_temple_interval"]
+           "kato_temple_interval", "sampling_room", "guard_overturns"]
 
 
 @dataclass(frozen=True)
@@ -304,3 +304,27 @@ def kato_temple_interval(end: str, estimate: HoldoutEstimate, z: float, neighbou
         gap = neighbour - hi
         return (lo - r2 / gap) if gap > 0 else -math.inf, hi
     raise ValueError(f"end must be 'max' or 'min', got {end!r}")
+
+
+def sampling_room(e_stat: float, e_kt: float, target: float) -> float:
+    """Largest ``s = z se`` with a half-width within ``target`` (``<= 0``: none).
+
+    Half-width: ``(e_stat + s) / 2`` when the subsample bound binds, ``s + e_kt / 2``
+    when Kato-Temple does; the better of the two.
+    """
+    room = 2 * target - e_stat
+    if math.isfinite(e_kt):
+        room = max(room, target - e_kt / 2)
+    return room
+
+
+def guard_overturns(end: str, extreme, guard, z: float) -> bool:
+    """Whether the holdout puts the subsample's guard vector beyond its extreme one.
+
+    For ``lambda_min``: the guard's unbiased Rayleigh quotient is below the extreme's by
+    more than ``z`` standard errors of the difference.  Then ``lambda_min`` is below the
+    guard's quotient (Courant-Fischer) and the subsample's extreme pair is not the full
+    data's: the outward bounds built on it (subsample extreme, Kato-Temple) do not hold.
+    """
+    gap = extreme.value - guard.value if end == "min" else guard.value - extreme.value
+    return gap > z * math.hypot(extreme.se, guard.se)
