@@ -108,7 +108,10 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     eigenvectors passes a loose residual test long before it has found the extreme one.
     Asking for the guard to settle too keeps the Krylov space growing until the cluster's
     outer members are resolved (the extreme converges first, as its polynomial
-    amplification is the largest).
+    amplification is the largest).  The guard settles at the tolerance or at a quarter of
+    its distance to the extreme Ritz value, whichever is looser (``lanczos(guard=True)``):
+    an isolated extreme needs its neighbour only roughly, a cluster tighter than the
+    tolerance gets no relief.
 
     Start vectors (a warm start, or an approximation's candidates) never start the
     search alone: a random unit vector is added to them (:func:`_start_vector`).  A warm
@@ -136,7 +139,8 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     def run(which: str, rows: list, budget: int):
         """Lanczos from the known rows plus a random one (:func:`_start_vector`)."""
         return lanczos(op.matvec, op.n, which=which, k=k, X0=_start_vector(rows, op, ctx.seed),
-                       tol=tols, max_matvecs=max(budget, 2), max_basis=ctx.max_basis, **common)
+                       tol=tols, max_matvecs=max(budget, 2), max_basis=ctx.max_basis, guard=True,
+                       **common)
 
     pairs = {"min": (0, 1), "max": (-1, -2)}
     if ctx.approx is None:

@@ -139,7 +139,7 @@ def test_loss_hvp_is_the_batch_hessian_with_buffers_and_frozen_parameters(ce):
 
 def test_loss_hvp_agrees_with_the_operator_and_extremes(ce):
     model, (X, Y), _ = _mlp_problem()
-    r = curvlab.extremes(model, ce, (X, Y), which="LA", tol=1e-8, max_hvps=200, sampling="exact")
+    r = curvlab.extremes(model, ce, (X, Y), which="LA", tol=1e-8, floor=0.0, max_hvps=200, sampling="exact")
     assert r.converged_max
     hv = loss_hvp(model, ce, None, (X, Y), r.vector_max)  # one batch holding all data: H v
     torch.testing.assert_close(hv, r.lambda_max * r.vector_max, rtol=0, atol=1e-6 * abs(r.lambda_max))

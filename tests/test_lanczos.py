@@ -174,3 +174,25 @@ def test_one_solver_contract():
     assert torch.equal(r3.values, lanczos(op(A), 40, which="SA", X0=x0, tol=1e-8, dtype=D).values)
     with pytest.raises(TypeError, match="X0 only"):
         lanczos(op(A), 40, v0=x0, X0=x0)
+
+
+def test_guard_pairs_need_only_resolve_a_distinct_neighbour():
+    # k = 2 with guard=True: the second pair at an end counts as converged once its
+    # residual is below a quarter of its distance to the extreme Ritz value; the extreme
+    # still meets the tolerance. An isolated top end converges with fewer products; a
+    # cluster tighter than the tolerance gets no relief
+    from curvlab.lanczos import _guard_thresholds
+
+    thr = torch.tensor([1e-3, 1e-3, 1e-3, 1e-3], dtype=D)
+    vals = torch.tensor([-1.0, -0.9, 50.0, 100.0], dtype=D)
+    out = _guard_thresholds(thr, vals, "both", 2)
+    assert torch.allclose(out, torch.tensor([1e-3, 0.025, 12.5, 1e-3], dtype=D))
+    tight = _guard_thresholds(thr, torch.tensor([-1.0, -0.9999, 99.999, 100.0], dtype=D), "both", 2)
+    assert torch.equal(tight[[0, 3]], thr[[0, 3]]) and float(tight[1]) == pytest.approx(1e-3)
+    ev = torch.cat([torch.tensor([100.0]), torch.linspace(-1.0, 1.0, 300)])  # guard: the bulk edge
+    A = torch.diag(ev).to(D)
+    kw = dict(which="LA", k=2, tol=1e-6, floor=0.0, dtype=D, max_matvecs=300, max_basis=80)
+    strict, relaxed = lanczos(op(A), len(ev), **kw), lanczos(op(A), len(ev), guard=True, **kw)
+    assert strict.all_converged and relaxed.all_converged
+    assert relaxed.matvecs < strict.matvecs
+    assert abs(float(relaxed.values[-1]) - 100.0) <= 1e-6 * 100 and relaxed.residual_norms[-1] <= 1e-4

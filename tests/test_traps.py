@@ -120,9 +120,12 @@ def test_float32_intervals_carry_the_rounding_of_the_products():
             for end, t in (("max", float(truth[-1])), ("min", float(truth[0]))):
                 if getattr(r, f"converged_{end}") and not _holds(r, end, t, _dense_error(truth)):
                     wrong.append((problem, seed, end, t, getattr(r, f"interval_{end}")))
-                # the slack is a rounding bound, not a loose one: far below the tolerance
+                # the slack is a rounding bound, not a loose one: the products' float32
+                # error here is about 1e-5 relative; the probe (4 samples whose curvature
+                # is 100x the mean's) measures it conservatively, and stays far below
+                # the default tolerance 1e-2
                 lo, hi = getattr(r, f"interval_{end}")
-                assert hi - lo <= 3e-4 * abs(t)
+                assert hi - lo <= 1e-3 * abs(t)
     assert not wrong
 
 
