@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .curvature import APPROXIMATIONS
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
 from .multilevel import POLICY, _multilevel, _warm_sizes
@@ -27,7 +28,7 @@ from .solve import _attach_approximation, _Context, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
-CURVATURES = ("none", "diag", "ggn", "kfac")
+CURVATURES = ("none",) + APPROXIMATIONS  # the values of extremes(curvature=...)
 
 
 

@@ -81,7 +81,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-from .lanczos import EigenResult, orthonormalize
+from .lanczos import EigenResult, _cat, orthonormalize
 
 __all__ = ["lobpcg"]
 
@@ -284,11 +284,6 @@ def lobpcg(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "SA", k: 
         vals, vecs, res_k, conv_k = vals.flip(0), vecs.flip(0), res_k.flip(0), conv_k.flip(0)
     return EigenResult(values=vals, vectors=vecs, residual_norms=res_k, converged=conv_k,
                          matvecs=matvecs, calls=calls, restarts=0, history=history)
-
-
-def _cat(*blocks: Optional[Tensor]) -> Optional[Tensor]:
-    blocks = [x for x in blocks if x is not None and x.shape[0] > 0]
-    return torch.cat(blocks) if blocks else None
 
 
 def _rayleigh_ritz(d: Tensor, V: Tensor, G: Tensor, n_s_min: int, eps: float):

@@ -44,8 +44,10 @@ class Cost:
     """Work done so far (mutable counter; results carry a frozen copy).
 
     Attributes:
-        hvps: Hessian-vector products, counted in full-data equivalents: a block
-            of ``k`` vectors over ``m`` of ``N`` samples adds ``k * m / N``.
+        hvps: vectors multiplied by this operator (a block of ``k`` adds ``k``),
+            each over the operator's own samples.  :class:`curvlab.CostRecord`'s
+            ``hvps`` is the call's work in *full-data* equivalents instead
+            (``samples / N``); its ``products`` is the sum of these.
         samples: per-sample HVP evaluations (a block of ``k`` over ``m``
             samples adds ``k * m``).
         passes: data passes made for HVP blocks (a block counts once).
