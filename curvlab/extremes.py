@@ -189,8 +189,9 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     at the model's current parameters ``x`` (the trainable ones) by Lanczos
     with full reorthogonalisation and thick restarts on exact Hessian-vector
     products (:mod:`curvlab.lanczos`, :mod:`curvlab.hvp`).  An end counts as
-    converged only when the next Ritz pair inward has met the tolerance too
-    (so that a Ritz vector mixing a cluster's members is not taken for the
+    converged only when the next Ritz pair inward has settled too, at the
+    tolerance or at a quarter of its distance to the extreme Ritz value (so
+    that a Ritz vector mixing a cluster's members is not taken for the
     extreme), and every start (warm, or from a curvature approximation) carries
     a random component (so that a start on an interior eigenvector cannot hide
     the extreme one).  The Hessian is

@@ -222,7 +222,8 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
     if lo > hi:  # the level's statistical bound is contradicted by the exact Ritz value
         lo, hi = (lo_e, hi_e)
     value = min(max(exact["value"], lo), hi)  # a Ritz value still below the level's inner side
-    return dict(exact, value=value, interval=(lo, hi), sampling=level["sampling"])
+    solver = level["solver"] if math.isfinite(lo) and math.isfinite(hi) else exact["solver"]
+    return dict(exact, value=value, interval=(lo, hi), sampling=level["sampling"], solver=solver)
 
 
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
@@ -251,12 +252,12 @@ def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[floa
     the holdout, ``e_kt = res^2 / gap`` (``inf`` without a gap) comes on top of
     ``s``.  Mirrored for ``lambda_min``.
     """
-    if end in ctx.overturned:  # the subsample's bounds do not hold: only a larger S helps
-        return math.inf, math.inf
     theta, res = pair.theta, pair.residual
     N = ctx.H.num_samples
     se = ctx.z * est.se
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
+    if end in ctx.overturned or _contradicted(end, stat):
+        return math.inf, math.inf  # the subsample's bounds do not hold: only a larger S helps
     _, kt, _ = _level_interval(ctx, end, pair, est, m)
     if end == "max":
         return stat[1] - est.value, kt[1] - (est.value + se)
@@ -294,6 +295,11 @@ def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> 
     return max((ctx.tol if end == "max" else ctx.tol_min) * abs(centre), ctx.floor * abs(top))
 
 
+def _contradicted(end: str, stat: tuple) -> bool:
+    """Whether :func:`curvlab.sampling.extreme_interval` found its bound contradicted."""
+    return not math.isfinite(stat[1] if end == "max" else stat[0])
+
+
 def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     """Interval of one end at a level: ``(interval, kato_temple, kato_temple_binds)``.
 
@@ -308,8 +314,10 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     bounds the distance to *an* eigenvalue, the extreme one only once the Krylov
     space has found it: a search stopped early by the budget has not).  An end
     whose guard the holdout put beyond its extreme (``ctx.overturned``,
-    :func:`curvlab.sampling.guard_overturns`) has not settled either.  Otherwise
-    that side is infinite.
+    :func:`curvlab.sampling.guard_overturns`), or whose subsample bound the holdout
+    contradicts (:func:`curvlab.sampling.extreme_interval`), has not settled either:
+    ``S`` under-represents the extreme eigenvector, and its guard is no neighbour for
+    Kato-Temple.  Otherwise that side is infinite.
     """
     theta, _, res, conv, nxt = pair  # nxt: the guard
     N = ctx.H.num_samples
@@ -321,7 +329,11 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     # (the guard must have settled too: a small residual alone may belong to the second
     # eigenvalue of a cluster while the first is not yet in the Krylov space)
     guard_settled = nxt is not None and (nxt.converged or nxt.residual <= noise)
-    settled = (conv or (res <= noise and guard_settled)) and end not in ctx.overturned
+    # a subsample bound the holdout contradicts (infinite from extreme_interval) means S
+    # under-represents the extreme eigenvector: S's guard is then no neighbour for
+    # Kato-Temple either
+    settled = ((conv or (res <= noise and guard_settled)) and end not in ctx.overturned
+               and not _contradicted(end, stat))
     if not settled:
         stat = (stat[0], inf) if end == "max" else (inf, stat[1])
     if not settled or not guard_settled:

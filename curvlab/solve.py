@@ -315,13 +315,14 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
         x, y = _rows_or_none(x, slice(0, probe), nb), _rows_or_none(y, slice(0, probe), nb)
         if x is None or y is None:
             return  # a batch that cannot be cut: no probe (a whole batch in float64 may not fit)
+        work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
+                               distributed=False)
+        hv = work.matvec(V).double()
         try:
-            work = HessianOperator(None, H.loss_fn, [(x, y)], method=H.method, fmodel=H.fmodel,
-                                   distributed=False)
             ref = HessianOperator(H.fmodel.module, H.loss_fn, [(x, y)], method=H.method,
                                   dtype=torch.float64, device=H.device, distributed=False,
                                   output_fn=H.fmodel.output_fn)
-            diff = (work.matvec(V).double() - ref.matvec(V.double())).norm(dim=1)
+            diff = (hv - ref.matvec(V.double())).norm(dim=1)
         except Exception:  # a model that cannot run in float64: the a-priori bound instead
             return
         out[:-2] = diff

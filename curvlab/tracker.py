@@ -151,6 +151,16 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def _from_writer(read):
+    """``read()`` on rank 0 of a torch.distributed job, its value broadcast to every rank."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return read()
+    box = [read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _is_writer() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
@@ -201,13 +211,26 @@ class CurvatureTracker:
         self.result: Optional[ExtremesResult] = None
         self.records: List[dict] = []
         self.epoch = 0
+        # rank 0 reads (and repairs) the files and every rank gets what it read: ranks that
+        # started from different logs or states would run different solves and collectives
+        self.records, self.epoch, payload = _from_writer(self._read_files)
+        if payload is not None:
+            self._use_state(payload)
+
+    def _read_files(self):
+        """``(records, epoch, state payload or None)`` from the log and the state file."""
+        records, epoch, payload = [], 0, None
         if self.log is not None and self.log.exists():
-            if _is_writer():
-                _repair_log(self.log)
-            self.records = read_log(self.log)
-            self.epoch = max((r.get("epoch") or 0 for r in self.records), default=0)
+            _repair_log(self.log)
+            records = read_log(self.log)
+            epoch = max((r.get("epoch") or 0 for r in records), default=0)
         if self.state is not None and self.state.exists():
-            self._load_state()
+            try:
+                payload = torch.load(self.state, map_location="cpu", weights_only=True)
+            except Exception as exc:  # an unreadable state costs a cold start, not the run
+                warnings.warn(f"{self.state}: cannot warm-start from it ({type(exc).__name__}: "
+                              f"{exc}); the next step starts cold", RuntimeWarning, stacklevel=4)
+        return records, epoch, payload
 
     # -- the core: one warm-started call -----------------------------------------
     def compute(self, epoch: int) -> ExtremesResult:
@@ -271,13 +294,12 @@ class CurvatureTracker:
         payload = dict(epoch=epoch, result=result_to_state(self.result))
         atomic_write(self.state, lambda f: torch.save(payload, f))
 
-    def _load_state(self) -> None:
+    def _use_state(self, payload: dict) -> None:
         try:
-            payload = torch.load(self.state, map_location="cpu", weights_only=True)
             device = self.options.get("device") or next(
                 (p.device for p in self.model.parameters() if p.requires_grad), None)
             self.result = result_from_state(payload["result"], device)
-        except Exception as exc:  # an unreadable state costs a cold start, not the run
+        except Exception as exc:  # an unusable state costs a cold start, not the run
             warnings.warn(f"{self.state}: cannot warm-start from it ({type(exc).__name__}: {exc}); "
                           "the next step starts cold", RuntimeWarning, stacklevel=3)
             return

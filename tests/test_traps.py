@@ -213,3 +213,23 @@ def test_a_one_parameter_model_with_a_curvature_flag():
     truth = float((2 * X[:, 0] ** 2 + 6 * w * X[:, 0] ** 3).mean())  # d2/dw2 of the mean loss
     assert r.converged and r.lambda_max == pytest.approx(truth, rel=1e-10)
     assert r.lambda_min == pytest.approx(truth, rel=1e-10)
+
+
+def test_a_contradicted_subsample_bound_gives_no_kato_temple_side():
+    # reviewer's case: the subsample's extreme is 8 (guard 6, converged), the holdout puts
+    # the vector's Rayleigh quotient at 9 +- 0.02: S under-represents the top, so neither
+    # its bound nor Kato-Temple with S's guard as neighbour may close the outward side
+    from curvlab.multilevel import _excesses, _level_interval
+    from curvlab.sampling import HoldoutEstimate
+    from curvlab.solve import EndPair, Guard, _Context
+
+    class _H:
+        num_samples = 100_000
+
+    ctx = _Context(H=_H(), which="LA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=10, max_basis=20,
+                   seed=0, bar=None, callback=None, z=1.96)
+    pair = EndPair(8.0, None, 0.01, True, Guard(6.0, 0.01, True, None))
+    est = HoldoutEstimate(value=9.0, se=0.01, std=1.0, residual=0.05, holdout=5000)
+    interval, kt, _ = _level_interval(ctx, "max", pair, est, 1000)
+    assert interval[1] == float("inf") and interval[0] <= 9.0
+    assert _excesses(ctx, "max", pair, est, 1000) == (float("inf"), float("inf"))

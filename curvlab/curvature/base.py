@@ -165,7 +165,9 @@ def sample_batches(fmodel: FunctionalModel, batches, max_samples: int | None
 
 def data_loop(fmodel: FunctionalModel, loss_fn: Callable, data, cost: Cost | None = None) -> DataLoop:
     """A one-process :class:`~curvlab.loop.DataLoop` over ``data`` (what :func:`collect_batches` returns)."""
-    return DataLoop(fmodel, loss_fn, DataParallel(as_batches(data), enabled=False, fmodel=fmodel), cost)
+    # the kept batches are in memory and fixed: no determinism fingerprint on every pass
+    batches = data if isinstance(data, Batches) else as_batches(data, check_data=False)
+    return DataLoop(fmodel, loss_fn, DataParallel(batches, enabled=False, fmodel=fmodel), cost)
 
 
 def collect_batches(fmodel: FunctionalModel, data, max_samples: int | None
