@@ -226,6 +226,35 @@ class DataParallel:
         self.enabled = bool(enabled)
         self.group = process_group
         self.device = fmodel.device if fmodel is not None else torch.device("cpu")
+        self.scheme = self._split_scheme = scheme
+        if self.enabled:
+            self.rank = dist.get_rank(process_group)
+            self.world_size = dist.get_world_size(process_group)
+            self.comm_device = _comm_device(dist.get_backend(process_group), self.device)
+        self._split(batches, fmodel, check=True)
+
+    def subset(self, index: Tensor) -> "DataParallel":
+        """The same split applied to the samples at ``index`` of :attr:`batches`.
+
+        Sharding is decided once per call: the subsample and holdout operators
+        of :func:`curvlab.extremes` and the data of a curvature approximation
+        are subsets of the call's data, split with this object's ranks, group
+        and scheme.  The agreement checks (same data size, batch order and
+        weights on every rank) are not repeated; one all-gather of the sample
+        counts remains.  ``index`` must be the same on every rank (positions
+        drawn from a seeded generator are).
+        """
+        child = object.__new__(DataParallel)
+        child.enabled, child.group, child.device = self.enabled, self.group, self.device
+        child.scheme = child._split_scheme = self._split_scheme
+        if self.enabled:
+            child.rank, child.world_size, child.comm_device = self.rank, self.world_size, self.comm_device
+        child._split(self.batches.subset(index), None, check=False)
+        return child
+
+    def _split(self, batches: Batches, fmodel, check: bool) -> None:
+        """Set :attr:`local`, :attr:`batches` and the counts; ``check``: compare data and
+        weights across ranks (module docstring)."""
         if not self.enabled:
             self.rank, self.world_size, self.scheme = 0, 1, "contiguous"
             self.local = batches.part if isinstance(batches, PreSharded) else batches
@@ -234,21 +263,20 @@ class DataParallel:
             self.num_samples = self.local.num_samples
             self.local_counts = [self.num_samples]
             return
-        self.rank = dist.get_rank(process_group)
-        self.world_size = dist.get_world_size(process_group)
-        self.comm_device = _comm_device(dist.get_backend(process_group), self.device)
         part, error, count = None, None, 0
         try:
-            part = shard(batches, self.rank, self.world_size, scheme)
+            part = shard(batches, self.rank, self.world_size, self._split_scheme)
             count = part.local.num_samples
         except Exception as exc:  # reported to all ranks below
             error = exc
-        fp = _fingerprint(fmodel) if fmodel is not None else [0.0] * 4
-        row = [float(error is not None), float(count),
-               float(part.size_hint if part else -1), float(part.checksum if part else 0), *fp]
+        row = [float(error is not None), float(count)]
+        if check:
+            fp = _fingerprint(fmodel) if fmodel is not None else [0.0] * 4
+            row += [float(part.size_hint if part else -1), float(part.checksum if part else 0), *fp]
         table = self._all_gather_rows(torch.tensor(row, dtype=torch.float64))
         self._raise_if_failed(table[:, 0], error)
-        self._check_agreement(table, part.scheme)
+        if check:
+            self._check_agreement(table, part.scheme)
         self.local, self.scheme = part.local, part.scheme
         self.batches = batches
         if part.scheme == "presharded" and not isinstance(batches, PreSharded):

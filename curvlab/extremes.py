@@ -15,7 +15,7 @@ import numbers
 import time
 from statistics import NormalDist
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,13 @@ class CostRecord:
         load_passes: passes that only loaded the data to count its samples
             (a loader that cannot say its size upfront); no model is run in
             them, and they are not in ``passes``.
+        phases: ``hvps`` split by where the work went, ``{phase: full-data
+            equivalents}`` over :data:`curvlab.solve.PHASES` (phases with no work
+            left out): ``search`` (the solver on subsamples), ``certify``
+            (holdout statistics), ``exact`` (the full-data operator: the
+            all-data stage, or the whole call in the exact regime),
+            ``approximation`` (building a curvature approximation) and
+            ``rounding`` (the float64 probe).  The values sum to ``hvps``.
 
     In a torch.distributed job ``forward_samples`` and ``load_passes`` are per rank
     (this rank's loss check and counting pass; they may differ between ranks), while
@@ -65,15 +72,21 @@ class CostRecord:
     seconds: float
     forward_samples: int = 0
     load_passes: int = 0
+    phases: Dict[str, float] = field(default_factory=dict)
 
     @staticmethod
-    def total(costs, num_samples: int, seconds: float) -> "CostRecord":
+    def total(costs, num_samples: int, seconds: float, phases=None) -> "CostRecord":
+        """The record of ``costs`` (``phases``: the phase of each, as in :data:`~curvlab.solve.PHASES`)."""
         samples = sum(_hvp_samples(c) for c in costs)
+        split: Dict[str, float] = {}
+        for c, phase in zip(costs, phases or ()):
+            if _hvp_samples(c) > 0:
+                split[phase] = split.get(phase, 0.0) + _hvp_samples(c) / num_samples
         return CostRecord(hvps=samples / num_samples, samples=int(samples),
                           passes=sum(c.passes for c in costs),
                           products=int(sum(c.hvps for c in costs)), seconds=seconds,
                           forward_samples=sum(c.forward_samples for c in costs),
-                          load_passes=sum(c.load_passes for c in costs))
+                          load_passes=sum(c.load_passes for c in costs), phases=split)
 
 
 @dataclass(frozen=True)
@@ -399,7 +412,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                    max_basis=max_basis, seed=seed, method=H.method, curvature=curvature,
                    sampling=regime, confidence=confidence, dtype=str(fmodel.dtype),
                    device=str(fmodel.device), warm_start=bool(v0), rounding=ctx.rounding)
-    cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0)
+    cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0, ctx.phases + ["exact"])
     return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
                           sample_size=m_final, sample_sizes=sizes, error_parts=parts, levels=levels,
                           history=ctx.history, options=options)

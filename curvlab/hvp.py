@@ -137,6 +137,18 @@ class HessianOperator(DataLoop):
     def __call__(self, V: Tensor) -> Tensor:
         return self.matvec(V)
 
+    def subset(self, index: Tensor) -> "HessianOperator":
+        """The Hessian of the mean loss over the samples at ``index`` (positions in :attr:`batches`).
+
+        Shares the model view, the loss and the product method, and keeps this
+        operator's split over the ranks (:meth:`DataParallel.subset`): nothing
+        is checked again.  Its :attr:`cost` is its own.
+        """
+        op = object.__new__(HessianOperator)
+        DataLoop.__init__(op, self.fmodel, self.loss_fn, self.parallel.subset(index))
+        op.batches, op.method = op.parallel.batches, self.method
+        return op
+
     # -- one batch's product ----------------------------------------------------
     def _batch_hvp(self, x, y, index: int, V: Tensor) -> Tensor:
         """``H_b V^T`` row-wise for the batch ``(x, y)``, by :attr:`method`; checked finite."""

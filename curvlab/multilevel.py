@@ -13,7 +13,6 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .hvp import HessianOperator
 from .sampling import (extreme_interval, guard_overturns, holdout_estimate, holdout_size_for,
                        kato_temple_interval, sampling_room)
 from .solve import EndPair, _Context, _ends_of, _exact, _solve_ends
@@ -154,9 +153,8 @@ def _multilevel(ctx: _Context, v0, m: int):
         # may spend everything left
         final = fit < POLICY.min_growth * m and (2 * POLICY.max_growth * m <= N
                                                  or remaining < POLICY.exact_products * len(todo))
-        S = H.batches.subset(perm[:m])
-        HS = HessianOperator(None, H.loss_fn, S, method=H.method, fmodel=H.fmodel)
-        ctx.costs.append(HS.cost)
+        HS = H.subset(perm[:m])
+        ctx.book(HS.cost, "search")
         found = _solve_ends(ctx, HS, todo, start, POLICY.search_tol, POLICY.search_budget * remaining, k=2)
         ests = _certify(ctx, perm, m, found, todo, done, spend_all=final)
         level = {"sample_size": m, "ends": {}}
@@ -383,9 +381,8 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     group = max(1, min(POLICY.max_group, t_next // POLICY.groups))
     ctx.overturned.clear()
     while True:
-        T = H.batches.subset(perm[m + t:m + t_next])
-        HT = HessianOperator(None, H.loss_fn, T, method=H.method, fmodel=H.fmodel)
-        ctx.costs.append(HT.cost)
+        HT = H.subset(perm[m + t:m + t_next])
+        ctx.book(HT.cost, "certify")
         rows = [vectors[e] for e in active] + ([g / g.norm() for g in guards.values()] if t == 0 else [])
         part = HT.holdout_statistics(torch.stack(rows), group_size=group)
         for j, e in enumerate(active):

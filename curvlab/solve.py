@@ -50,6 +50,14 @@ class EndPair(NamedTuple):
     guard: Optional[Guard]
 
 
+PHASES = ("search", "certify", "exact", "approximation", "rounding")
+"""Where a call's work goes (:attr:`curvlab.CostRecord.phases`): the solver on a subsample
+(``search``), holdout statistics that certify its vectors (``certify``), everything on the full
+data operator (``exact``: the all-data stage, or the whole call in the exact regime), building
+a curvature approximation (``approximation``), and the float64 probe of the rounding slack
+(``rounding``)."""
+
+
 def _hvp_samples(cost: Cost) -> float:
     """Per-sample HVP equivalents of a cost counter (statistics count half)."""
     return cost.samples + cost.grad_samples / 2
@@ -71,6 +79,7 @@ class _Context:
     callback: Optional[Callable]
     z: float
     costs: List[Cost] = field(default_factory=list)
+    phases: List[str] = field(default_factory=list)  # the stage of each of costs (PHASES)
     history: List[dict] = field(default_factory=list)
     approx: object = None  # a curvature approximation (curvlab.curvature), or None
     approx_vectors: Optional[Tensor] = None
@@ -81,6 +90,13 @@ class _Context:
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
         return sum(_hvp_samples(c) for c in self.costs + [self.H.cost]) / self.H.num_samples
+
+    def book(self, cost: Cost, phase: str) -> Cost:
+        """Count ``cost`` (an operator's counter, filled later too) in the call's cost, under ``phase``."""
+        assert phase in PHASES, phase
+        self.costs.append(cost)
+        self.phases.append(phase)
+        return cost
 
     def step(self, entry: dict, scale: float) -> None:
         """Record one solver step (``scale``: samples per product over N)."""
@@ -216,10 +232,9 @@ def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, ini
     from .curvature import build_curvature
 
     H = ctx.H
-    cost = Cost()
-    ctx.costs.append(cost)
+    cost = ctx.book(Cost(), "approximation")
     options = {"max_matvecs": 8 * rank + 20} if name == "ggn" else {}  # keep its own Lanczos cheap
-    approx = build_curvature(name, H.fmodel, H.loss_fn, H.batches, max_samples=samples,
+    approx = build_curvature(name, H.fmodel, H.loss_fn, H.parallel, max_samples=samples,
                              seed=ctx.seed, cost=cost, **options)
     rank = min(rank, H.n)
     values, vectors = approx.top_eigenpairs(rank)
@@ -329,7 +344,7 @@ def _rounding_slack(ctx: _Context, H: HessianOperator, vectors: dict, scale: flo
         out[-2:] = torch.tensor([1.0, work.num_samples], dtype=torch.float64)
 
     H.parallel.sum_(measure, out)
-    ctx.costs.append(Cost(samples=3 * len(V) * int(out[-1]), passes=2))  # float64 counts double
+    ctx.book(Cost(samples=3 * len(V) * int(out[-1]), passes=2), "rounding")  # float64 counts double
     if float(out[-2]) == 0.0:
         ctx.rounding = "a priori (no probe)"
         return a_priori

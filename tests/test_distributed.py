@@ -37,7 +37,9 @@ if str(ROOT) not in sys.path:
 
 import curvlab  # noqa: E402
 from curvlab import HessianOperator  # noqa: E402
+from curvlab.curvature import build_curvature  # noqa: E402
 from curvlab.data import as_batches  # noqa: E402
+from curvlab.functional import batch_size_of  # noqa: E402
 from curvlab.distributed import (DataParallel, PreSharded, global_positions, presharded,  # noqa: E402
                                  shard)
 
@@ -126,7 +128,30 @@ def scenario_products(rank, world):
                             full_pass=_error(lambda: H.batches.subset(torch.arange(3))))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
     out.update(_modes(model, X, Y))
+    out["approximations"] = _approximations(model, X, Y)
     out["failures"] = _failures(rank)
+    return out
+
+
+APPROX = [("diag", {}), ("diag", {"method": "hutchinson", "probes": 6}), ("ggn", {}), ("kfac", {})]
+
+
+def _approximations(model, X, Y, reference=False):
+    """Each approximation built from the call's data (all of it, and its first 8 samples) on a
+    block; distributed, each rank reads only its shard of them.  The single-process reference
+    builds on ``X[:8]`` itself (one process keeps whole batches, at least 8 samples)."""
+    out = {}
+    for samples in (None, 8):
+        data = (X, Y) if samples is None or not reference else (X[:samples], Y[:samples])
+        H = HessianOperator(model, F.cross_entropy, data, batch_size=BATCH)
+        for name, options in APPROX:
+            A = build_curvature(name, H.fmodel, F.cross_entropy, H.parallel,
+                                max_samples=None if reference else samples, **options)
+            key = (name, options.get("method"), samples)
+            out[key] = dict(matvec=A.matvec(make_block(H.n)), m=A.num_samples,
+                            grad_samples=A.cost.grad_samples,
+                            local=getattr(A, "loop", None) and sum(
+                                batch_size_of(x) for x, _ in A.loop.parallel.local))
     return out
 
 
@@ -323,6 +348,7 @@ def reference():
     out["sampler12"] = H12.matvec(make_block(H12.n))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
     out.update(_modes(model, X, Y))
+    out["approximations"] = _approximations(model, X, Y, reference=True)
     out["dense"] = _dense_hessian(model, X, Y)
     return out
 
@@ -454,7 +480,7 @@ def test_extremes_equal_single_process(products, reference):
 @pytest.mark.parametrize("mode", ["multilevel", "diag", "ggn", "kfac"])
 def test_multilevel_and_curvature_flags_under_two_ranks(products, reference, mode):
     # the subsampled regime (its subsets sharded over the ranks, holdout statistics
-    # reduced) and each approximation (built alike on every rank from the full data)
+    # reduced) and each approximation (built data-parallel: each rank reads its shard)
     # give the single process's extremes, and the same bits on both ranks
     _check_extremes([r[mode] for r in products], reference[mode])
     a, b = (r[mode] for r in products)
@@ -463,6 +489,25 @@ def test_multilevel_and_curvature_flags_under_two_ranks(products, reference, mod
     ev = torch.linalg.eigvalsh(reference["dense"])
     assert abs(reference[mode]["lambda_max"] - ev[-1]) <= EXTREMES_RTOL * abs(ev[-1])
     assert abs(reference[mode]["lambda_min"] - ev[0]) <= EXTREMES_RTOL * abs(ev[0])
+
+
+@pytest.mark.parametrize("name,method", [(n, o.get("method")) for n, o in APPROX])
+@pytest.mark.parametrize("samples", [None, 8])
+def test_approximations_built_data_parallel(products, reference, name, method, samples):
+    # built from H.parallel, an approximation divides its data pass over the ranks (each
+    # rank reads its shard of the samples used) and equals the single process's
+    key = (name, method, samples)
+    ref = reference["approximations"][key]
+    m = N if samples is None else samples
+    assert ref["m"] == m
+    locals_ = []
+    for r in products:
+        got = r["approximations"][key]
+        assert got["m"] == m and got["grad_samples"] == ref["grad_samples"]
+        assert torch.allclose(got["matvec"], ref["matvec"], rtol=RTOL, atol=RTOL * ref["matvec"].abs().max())
+        locals_.append(got["local"])
+    if name == "ggn":  # its products read the shards: (7, 6) of 13, (4, 4) of 8
+        assert sorted(locals_) == sorted([(m + 1) // 2, m // 2])
 
 
 def test_extremes_bit_identical_across_ranks(products):

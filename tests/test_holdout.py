@@ -229,6 +229,30 @@ def test_multilevel_stays_within_its_budget_and_says_it_did_not_converge(classif
         assert abs(d["rayleigh_holdout"] - float(q.mean())) <= Z95 * 1.6 * se
 
 
+def test_cost_phases_split_the_calls_work():
+    # the record says where the work went, and the parts sum to the whole: a multilevel call
+    # searches on S and certifies on holdouts; a curvature flag builds its approximation; the
+    # exact regime spends everything on the full-data operator
+    import curvlab
+
+    model, X, Y = _classifier_3000()
+    kw = dict(batch_size=500, tol=1e-2, tol_min=1e-1)
+    multi = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                             max_hvps=6, **kw)
+    flag = curvlab.extremes(model, F.cross_entropy, (X[:300], Y[:300]), sampling="exact",
+                            curvature="diag", approx_samples=100, **kw)
+    exact = curvlab.extremes(model, F.cross_entropy, (X[:300], Y[:300]), sampling="exact", **kw)
+    for r in (multi, flag, exact):
+        assert sum(r.cost.phases.values()) == pytest.approx(r.cost.hvps, rel=1e-12)
+        assert all(v > 0 for v in r.cost.phases.values())
+    assert {"search", "certify"} <= set(multi.cost.phases)
+    # per level: the search's products over m samples, the holdout's over what it drew
+    search = sum(lv["sample_size"] for lv in multi.levels) / 3000
+    assert multi.cost.phases["search"] >= 2 * search
+    assert flag.cost.phases["approximation"] > 0 and "search" not in flag.cost.phases
+    assert set(exact.cost.phases) <= {"exact", "rounding"} and exact.cost.phases["exact"] > 0
+
+
 def test_the_last_level_the_budget_allows_spends_it_on_the_holdout():
     # budget 1.5 full-data HVPs on 3,000 samples: one level of 200 fits, a second (400)
     # does not, so the first is the last and its holdout takes what the search left

@@ -41,7 +41,8 @@ from ..distributed import DataParallel
 from ..hvp import Cost
 from ..loop import DataLoop, OnParameters, cast_batches, check_scalar
 
-__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "data_loop", "output_hessian_sqrt",
+__all__ = ["CurvatureApprox", "sample_batches", "collect_batches", "data_loop", "approximation_loop",
+           "output_hessian_sqrt",
            "per_sample_losses", "check_damping", "unsqueeze_input"]
 
 
@@ -161,6 +162,37 @@ def sample_batches(fmodel: FunctionalModel, batches, max_samples: int | None
         count += nb
         if max_samples is not None and count >= max_samples:
             return
+
+
+def approximation_loop(fmodel: FunctionalModel, loss_fn: Callable, data, max_samples: int | None,
+                       cost: Cost) -> DataLoop:
+    """The :class:`~curvlab.loop.DataLoop` an approximation reads, booking on ``cost``.
+
+    ``data`` is either what :func:`collect_batches` takes (one process: the
+    first batches up to ``max_samples`` samples are kept in memory), or a
+    :class:`~curvlab.distributed.DataParallel` (an operator's ``parallel``, as
+    :func:`curvlab.extremes` passes it) or a :class:`~curvlab.loop.DataLoop`:
+    then the approximation is built data-parallel, each rank reading its shard
+    of the first ``max_samples`` samples (:meth:`DataParallel.subset`) and the
+    sums reduced over the ranks.
+    """
+    max_samples = check_max_samples(max_samples)
+    if isinstance(data, DataLoop):
+        data = data.parallel
+    if isinstance(data, DataParallel):
+        if max_samples is not None and max_samples < data.num_samples:
+            if not data.enabled:  # one process: the first batches, as for any data
+                return approximation_loop(fmodel, loss_fn, data.batches, max_samples, cost)
+            data = data.subset(torch.arange(max_samples))
+        return DataLoop(fmodel, loss_fn, data, cost)
+    kept, _ = collect_batches(fmodel, data, max_samples)
+    return data_loop(fmodel, loss_fn, kept, cost)
+
+
+def absorb(cost: Cost, scratch: Cost) -> None:
+    """Add ``scratch``'s counts (not its seconds: the build is timed as a whole) to ``cost``."""
+    for name in ("hvps", "samples", "passes", "grad_samples", "forward_samples", "load_passes"):
+        setattr(cost, name, getattr(cost, name) + getattr(scratch, name))
 
 
 def data_loop(fmodel: FunctionalModel, loss_fn: Callable, data, cost: Cost | None = None) -> DataLoop:

@@ -42,8 +42,8 @@ from torch.func import jacrev, vmap
 
 from ..functional import FunctionalModel, sequence_like
 from ..hvp import Cost
-from .base import (CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches,
-                   unsqueeze_input)
+from ..loop import DataLoop
+from .base import CurvatureApprox, Timer, absorb, approximation_loop, output_hessian_sqrt, unsqueeze_input
 from .ggn import GGN
 
 __all__ = ["Diagonal", "ggn_diagonal", "DIAG_METHODS"]
@@ -54,12 +54,21 @@ DIAG_METHODS = ("auto", "exact", "hutchinson")
 _JACOBIAN_BUDGET = 2 ** 25
 
 
-def _output_size(fmodel: FunctionalModel, data) -> int:
-    for _, x, _, _ in sample_batches(fmodel, data, None):
-        with torch.no_grad():
-            out = fmodel(fmodel.params, x)
-        return out[0].numel()
-    raise ValueError("data is empty: it yielded no samples")
+def _output_size(loop: DataLoop) -> int:
+    """Outputs per sample, from one forward pass on this rank's first batch (agreed over ranks)."""
+    found = torch.zeros(2, dtype=torch.float64, device=loop.device)
+
+    def first():
+        for _, x, _, _ in loop.local_batches():
+            with torch.no_grad():
+                out = loop.fmodel(loop.fmodel.params, x)
+            found.copy_(torch.tensor([out[0].numel(), 1.0], dtype=torch.float64))
+            return
+
+    loop.parallel.sum_(first, found)
+    if found[1] == 0:
+        raise ValueError("data is empty: it yielded no samples")
+    return int(round(float(found[0] / found[1])))
 
 
 def ggn_diagonal(fmodel: FunctionalModel, loss_fn: Callable, data, names: Sequence[str], *,
@@ -69,7 +78,9 @@ def ggn_diagonal(fmodel: FunctionalModel, loss_fn: Callable, data, names: Sequen
 
     Args:
         fmodel, loss_fn: the model and batch-mean loss.
-        data: batches (a list of ``(x, y)`` or :class:`~curvlab.data.Batches`), all used.
+        data: batches (a list of ``(x, y)`` or :class:`~curvlab.data.Batches`), all used; or
+            a :class:`~curvlab.loop.DataLoop` / :class:`~curvlab.distributed.DataParallel`
+            (each rank sums over its shard, then the sums are reduced).
         names: the trainable parameters wanted (a subset of ``fmodel.spec.names``).
         method: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (module docstring).
         probes: Rademacher vectors for ``"hutchinson"``.
@@ -90,40 +101,51 @@ def ggn_diagonal(fmodel: FunctionalModel, loss_fn: Callable, data, names: Sequen
         raise ValueError(f"probes must be a positive int, got {probes!r}")
     if not names:
         return {}
+    scratch = Cost()
+    loop = approximation_loop(fmodel, loss_fn, data, None, scratch)
     if method == "auto":
-        method = "exact" if _output_size(fmodel, data) <= probes else "hutchinson"
+        method = "exact" if _output_size(loop) <= probes else "hutchinson"
     if method == "exact":
-        return _exact_diagonal(fmodel, loss_fn, data, names, fisher, mc_samples, seed, cost)
-    return _hutchinson_diagonal(fmodel, loss_fn, data, names, probes, seed, cost)
+        out = _exact_diagonal(loop, names, fisher, mc_samples, seed)
+    else:
+        out = _hutchinson_diagonal(loop, names, probes, seed)
+    absorb(cost, scratch)
+    return out
 
 
-def _exact_diagonal(fmodel, loss_fn, data, names, fisher, mc_samples, seed, cost):
+def _exact_diagonal(loop: DataLoop, names, fisher, mc_samples, seed):
+    fmodel, loss_fn = loop.fmodel, loop.loss_fn
     params = fmodel.params
     sub0 = {k: params[k] for k in names}
     others = {k: v for k, v in params.items() if k not in sub0}
     n_sub = sum(t.numel() for t in sub0.values())
     diag = {k: torch.zeros_like(t) for k, t in sub0.items()}
     gen = torch.Generator().manual_seed(seed)
+    tally = torch.zeros(1, dtype=torch.float64, device=fmodel.device)  # grad_samples
 
     def sample_out(sub, x_d):
         return fmodel({**others, **sub}, unsqueeze_input(x_d))[0].reshape(-1)
 
     jac = vmap(jacrev(sample_out), in_dims=(None, 0))
-    m = 0
-    for index, x, y, nb in sample_batches(fmodel, data, None):
-        with torch.no_grad():
-            out = fmodel(params, x)
-        S = output_hessian_sqrt(loss_fn, out, y, fisher=fisher, mc_samples=mc_samples,
-                                generator=gen, index=index)                    # (b, c, r)
-        chunk = max(1, _JACOBIAN_BUDGET // max(1, S.shape[1] * n_sub))
-        for start in range(0, nb, chunk):
-            stop = min(nb, start + chunk)
-            J = jac(sub0, _slice(x, start, stop))                     # {name: (b', c, *shape)}
-            for k, Jk in J.items():
-                SJ = torch.einsum("bcr,bc...->br...", S[start:stop], Jk)
-                diag[k].add_(SJ.square().sum(dim=(0, 1)))
-        m += nb
-        cost.grad_samples += S.shape[1] * nb
+
+    def local_sum():
+        for index, x, y, nb in loop.local_batches():
+            with torch.no_grad():
+                out = fmodel(params, x)
+            S = output_hessian_sqrt(loss_fn, out, y, fisher=fisher, mc_samples=mc_samples,
+                                    generator=gen, index=index)                    # (b, c, r)
+            chunk = max(1, _JACOBIAN_BUDGET // max(1, S.shape[1] * n_sub))
+            for start in range(0, nb, chunk):
+                stop = min(nb, start + chunk)
+                J = jac(sub0, _slice(x, start, stop))                     # {name: (b', c, *shape)}
+                for k, Jk in J.items():
+                    SJ = torch.einsum("bcr,bc...->br...", S[start:stop], Jk)
+                    diag[k].add_(SJ.square().sum(dim=(0, 1)))
+            tally.add_(S.shape[1] * nb)
+
+    loop.reduce_(local_sum, *diag.values(), tally)
+    loop.cost.grad_samples += int(tally.item())
+    m = loop.num_samples
     return {k: v / m for k, v in diag.items()}
 
 
@@ -137,8 +159,9 @@ def _slice(x, start, stop):
     return x
 
 
-def _hutchinson_diagonal(fmodel, loss_fn, data, names, probes, seed, cost):
-    G = GGN(fmodel, loss_fn, data)  # its own Cost: the caller times the whole computation
+def _hutchinson_diagonal(loop: DataLoop, names, probes, seed):
+    fmodel = loop.fmodel
+    G = GGN(fmodel, loop.loss_fn, loop)  # its own Cost: the caller times the whole computation
     gen = torch.Generator().manual_seed(seed)
     slices = fmodel.spec.slices()
     idx = torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in names]).to(fmodel.device)
@@ -153,7 +176,7 @@ def _hutchinson_diagonal(fmodel, loss_fn, data, names, probes, seed, cost):
         acc += (signs * G.matvec(Z)[:, idx]).sum(0)
         done += b
     acc /= probes
-    cost.grad_samples += G.cost.grad_samples
+    loop.cost.grad_samples += G.cost.grad_samples
     out, start = {}, 0
     for k in names:
         size = slices[k].stop - slices[k].start
@@ -195,13 +218,16 @@ class Diagonal(CurvatureApprox):
             raise ValueError(f"method must be one of {DIAG_METHODS}, got {method!r}")
         self.fmodel = fmodel
         self.cost = cost if cost is not None else Cost()
+        scratch = Cost()
         with Timer(self.cost):
-            data, self.num_samples = collect_batches(fmodel, batches, max_samples)
+            loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
+            self.num_samples = loop.num_samples
             if method == "auto":
-                method = "exact" if _output_size(fmodel, data) <= probes else "hutchinson"
+                method = "exact" if _output_size(loop) <= probes else "hutchinson"
             self.method = method
-            d = ggn_diagonal(fmodel, loss_fn, data, fmodel.spec.names, method=method,
-                             probes=probes, seed=seed, cost=self.cost)
+            d = ggn_diagonal(fmodel, loss_fn, loop, fmodel.spec.names, method=method,
+                             probes=probes, seed=seed, cost=scratch)
+        absorb(self.cost, scratch)
         self.diagonal = fmodel.spec.flatten(d).clamp_min(0)
         if not torch.isfinite(self.diagonal).all():
             raise ValueError("the GGN diagonal is not finite: check the model/inputs or use "

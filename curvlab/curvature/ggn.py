@@ -34,7 +34,7 @@ from ..functional import FunctionalModel
 from ..hvp import Cost
 from ..lanczos import lanczos
 from ..loop import check_finite, check_scalar
-from .base import CurvatureApprox, Timer, collect_batches, data_loop
+from .base import CurvatureApprox, Timer, approximation_loop
 
 __all__ = ["GGN", "GGN_METHODS"]
 
@@ -48,7 +48,9 @@ class GGN(CurvatureApprox):
         fmodel: the model as a :class:`~curvlab.functional.FunctionalModel` (in the
             mode wanted, normally eval).
         loss_fn: ``loss_fn(output, target) -> scalar`` batch-mean loss.
-        batches: :class:`~curvlab.data.Batches` (or anything :func:`~curvlab.data.as_batches` takes).
+        batches: :class:`~curvlab.data.Batches` (or anything :func:`~curvlab.data.as_batches` takes),
+            or an operator's :class:`~curvlab.distributed.DataParallel` for products
+            divided over the ranks (:func:`~curvlab.curvature.base.approximation_loop`).
         max_samples: use only the first batches, up to at least ``max_samples``
             samples (kept in memory so that every product sees the same ones);
             ``None``: all data (re-iterated for every product).
@@ -105,8 +107,8 @@ class GGN(CurvatureApprox):
             method = "fwd-rev"
         self.method = method
         with Timer(self.cost):
-            self.data, self.num_samples = collect_batches(fmodel, batches, max_samples)
-            self.loop = data_loop(fmodel, loss_fn, self.data, self.cost)
+            self.loop = approximation_loop(fmodel, loss_fn, batches, max_samples, self.cost)
+            self.num_samples = self.loop.num_samples
         self._pairs: Tuple[Tensor, Tensor] | None = None
         self.lanczos_result = None
 

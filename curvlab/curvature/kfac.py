@@ -71,7 +71,8 @@ from torch import Tensor, nn
 
 from ..functional import FunctionalModel
 from ..hvp import Cost
-from .base import CurvatureApprox, Timer, collect_batches, output_hessian_sqrt, sample_batches
+from ..loop import DataLoop
+from .base import CurvatureApprox, Timer, absorb, approximation_loop, output_hessian_sqrt
 from .probes import LeafGradients, ProbeRecord, discover_probes, probe_columns, probed_forward
 from .diag import DIAG_METHODS, ggn_diagonal
 
@@ -171,12 +172,14 @@ class KFAC(CurvatureApprox):
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.cost = cost if cost is not None else Cost()
+        scratch = Cost()
         with Timer(self.cost):
             self._find_layers()
-            data, self.num_samples = collect_batches(fmodel, batches, max_samples)
-            self._select(data)
-            self._accumulate(data, seed)
-            self._build_diagonal(data, diag_method, probes, seed)
+            loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
+            self.num_samples = loop.num_samples
+            self._select(loop)
+            self._accumulate(loop, seed)
+            self._build_diagonal(loop, diag_method, probes, seed)
             for blk in self.blocks:
                 if not (torch.isfinite(blk.A).all() and torch.isfinite(blk.G).all()):
                     raise ValueError(f"K-FAC factors of layer {blk.modules[0]!r} are not finite: check "
@@ -185,6 +188,7 @@ class KFAC(CurvatureApprox):
                 blk.eig_G = _eigh_psd(blk.G)
             if not torch.isfinite(self.diagonal).all():
                 raise ValueError("K-FAC's diagonal block is not finite: check the model/inputs")
+        absorb(self.cost, scratch)
         self._check_coverage()
 
     # -- building ------------------------------------------------------------------
@@ -242,12 +246,13 @@ class KFAC(CurvatureApprox):
             return None
         return dict(self.fmodel.module.named_parameters())[name]
 
-    def _select(self, data) -> None:
-        """Keep the layers a forward pass calls as modules; plan the diagonal block."""
+    def _select(self, loop: DataLoop) -> None:
+        """Keep the layers a forward pass (this rank's first batch) calls as modules; plan the
+        diagonal block."""
         modules = dict(self.fmodel.module.named_modules())
         covered = {blk.weight for blk in self.blocks} | {blk.bias for blk in self.blocks if blk.bias}
         leaf = LeafGradients(self.fmodel, [k for k in self.fmodel.spec.names if k not in covered])
-        fired = discover_probes(self.fmodel, data,
+        fired = discover_probes(self.fmodel, loop.parallel.local,
                                 {**{mn: modules[mn] for mn in self._layer_of}, **leaf.modules})
         keep = []
         for blk in self.blocks:
@@ -267,49 +272,56 @@ class KFAC(CurvatureApprox):
         self._leaf = LeafGradients(self.fmodel, self.diag_names)
         self._leaf.restrict(fired)
 
-    def _accumulate(self, data, seed: int) -> None:
+    def _accumulate(self, loop: DataLoop, seed: int) -> None:
         """One pass: ``A`` from the recorded inputs, ``G`` and the leaf diagonal from
-        ``r`` backward passes per batch (module docstring)."""
+        ``r`` backward passes per batch (module docstring); sums over this rank's batches,
+        reduced over the ranks."""
         fm = self.fmodel
         by_weight = {blk.weight: blk for blk in self.blocks}
-        A_sum = {w: 0 for w in by_weight}
-        G_sum = {w: 0 for w in by_weight}
-        rows = {w: 0 for w in by_weight}
+        zeros = lambda d: torch.zeros(d, d, dtype=fm.dtype, device=fm.device)  # noqa: E731
+        A_sum = {w: zeros(blk.index.shape[1]) for w, blk in by_weight.items()}
+        G_sum = {w: zeros(blk.index.shape[0]) for w, blk in by_weight.items()}
+        rows = torch.zeros(len(by_weight) + 1, dtype=torch.float64, device=fm.device)  # + grad_samples
+        slot = {w: i for i, w in enumerate(by_weight)}
         self._diag_sum = {k: torch.zeros_like(fm.params[k]) for k in self._leaf.names}
         gen = torch.Generator().manual_seed(seed)
         probed = {**self._block_modules, **self._leaf.modules}
-        for index, x, y, nb in sample_batches(fm, data, None):
-            out, records, _ = probed_forward(fm, x, probed)
-            S = output_hessian_sqrt(self.loss_fn, out.detach(), y, fisher=self.fisher,
-                                    mc_samples=self.mc_samples, generator=gen, index=index)
-            is_block = [rec.module in self._layer_of for rec in records]
-            for rec, blocky in zip(records, is_block):
-                if blocky:
-                    w = self._layer_of[rec.module]
-                    a = self._features(rec, by_weight[w])
-                    A_sum[w] = A_sum[w] + a.T @ a
-                    rows[w] += a.shape[0]
-            for _, grads in probe_columns(out, S, [rec.probe for rec in records]):
-                for rec, blocky, g in zip(records, is_block, grads):
-                    if blocky and g is not None:
+
+        def local_sum():
+            for index, x, y, nb in loop.local_batches():
+                out, records, _ = probed_forward(fm, x, probed)
+                S = output_hessian_sqrt(self.loss_fn, out.detach(), y, fisher=self.fisher,
+                                        mc_samples=self.mc_samples, generator=gen, index=index)
+                is_block = [rec.module in self._layer_of for rec in records]
+                for rec, blocky in zip(records, is_block):
+                    if blocky:
                         w = self._layer_of[rec.module]
-                        g = rearrange(g, "b o h w -> (b h w) o") if g.dim() == 4 and \
-                            isinstance(self._block_modules[rec.module], nn.Conv2d) \
-                            else g.reshape(-1, g.shape[-1])
-                        G_sum[w] = G_sum[w] + g.T @ g
-                for k, v in self._leaf.square_sums(records, grads).items():
-                    self._diag_sum[k].add_(v)
-            self.cost.grad_samples += S.shape[2] * nb
+                        a = self._features(rec, by_weight[w])
+                        A_sum[w].add_(a.T @ a)
+                        rows[slot[w]] += a.shape[0]
+                for _, grads in probe_columns(out, S, [rec.probe for rec in records]):
+                    for rec, blocky, g in zip(records, is_block, grads):
+                        if blocky and g is not None:
+                            w = self._layer_of[rec.module]
+                            g = rearrange(g, "b o h w -> (b h w) o") if g.dim() == 4 and \
+                                isinstance(self._block_modules[rec.module], nn.Conv2d) \
+                                else g.reshape(-1, g.shape[-1])
+                            G_sum[w].add_(g.T @ g)
+                    for k, v in self._leaf.square_sums(records, grads).items():
+                        self._diag_sum[k].add_(v)
+                rows[-1] += S.shape[2] * nb
+
+        loop.reduce_(local_sum, *A_sum.values(), *G_sum.values(), *self._diag_sum.values(), rows)
+        loop.cost.grad_samples += int(rows[-1].item())
         m = self.num_samples
         for blk in self.blocks:
             w = blk.weight
-            if rows[w] == 0:
+            count = int(rows[slot[w]].item())
+            if count == 0:
                 raise ValueError(f"layer {blk.modules[0]!r} was not called in the forward pass")
-            blk.rows = rows[w]
-            blk.A = A_sum[w] / rows[w]
-            out_dim = blk.index.shape[0]
-            blk.G = G_sum[w] / m if isinstance(G_sum[w], Tensor) else \
-                torch.zeros(out_dim, out_dim, dtype=fm.dtype, device=fm.device)
+            blk.rows = count
+            blk.A = A_sum[w] / count
+            blk.G = G_sum[w] / m
 
     def _features(self, rec: ProbeRecord, blk: KFACBlock) -> Tensor:
         """Rows ``a_dt`` (with a trailing 1 for the bias): one per sample and location."""
@@ -326,14 +338,14 @@ class KFAC(CurvatureApprox):
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         return a
 
-    def _build_diagonal(self, data, method: str, probes: int, seed: int) -> None:
+    def _build_diagonal(self, loop: DataLoop, method: str, probes: int, seed: int) -> None:
         spec = self.fmodel.spec
         m = self.num_samples
         d = {k: v / m for k, v in self._diag_sum.items()}
         if self._leaf.rest:
-            d.update(ggn_diagonal(self.fmodel, self.loss_fn, data, self._leaf.rest, method=method,
+            d.update(ggn_diagonal(self.fmodel, self.loss_fn, loop, self._leaf.rest, method=method,
                                   probes=probes, seed=seed + 1, fisher=self.fisher,
-                                  mc_samples=self.mc_samples, cost=self.cost))
+                                  mc_samples=self.mc_samples, cost=loop.cost))
         flat = spec.slices()
         if self.diag_names:
             self.diag_index = torch.cat([torch.arange(flat[k].start, flat[k].stop) for k in self.diag_names])
