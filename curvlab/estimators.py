@@ -1,0 +1,244 @@
+"""Estimators of a population mean that beat uniform sampling (pure functions).
+
+The quantity certified by :mod:`curvlab.multilevel` is a mean over the ``N``
+samples, ``mu = (1/N) sum_d c_d`` with ``c_d = v^T H_d v``.  Uniform sampling of
+``t`` samples estimates it with variance ``sigma^2 / t``.  On a well-fit
+network most samples carry almost no curvature (both ``diag(p) - p p^T`` and
+``p - onehot(y)`` vanish with ``1 - p_y``), so ``c_d`` is heavy-tailed and its
+size is predicted by what one forward pass gives per sample: a *proxy* ``s_d``
+(``1 - p_y``, ``||p - onehot(y)||``, the loss).  Three ways to use it, each with
+an unbiased estimate and a standard error:
+
+* **stratified** (:func:`proxy_strata`, :func:`neyman_allocation`,
+  :func:`stratified_draw`, :func:`stratified_mean`): strata of equal size by the
+  proxy's quantiles, samples drawn without replacement within each, allocated
+  in proportion to ``N_h S_h`` (Neyman; ``S_h`` a stratum's spread, e.g. the
+  previous call's) with a floor per stratum;
+* **importance** (:func:`defensive_probabilities`, :func:`importance_mean`):
+  draws with replacement from ``q_d = (1 - a) s_d / sum s + a / N``, the
+  defensive mixture keeping every weight ``1 / (N q_d) <= 1 / a`` bounded;
+* **control variate** (:func:`control_variate_mean`): ``c_d - beta (z_d - z_bar)``
+  for a per-sample ``z_d`` whose population mean ``z_bar`` is known (e.g. the
+  Gauss-Newton part of ``c_d``).
+
+How much each lowers the variance on CNN checkpoints is measured by
+``experiments/bench_floors.py`` (BENCHMARKS.md, "Sampling floors by estimator").
+Each is tested for unbiasedness and interval coverage on synthetic heavy-tailed
+populations with a known mean (``tests/test_estimators.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MeanEstimate", "proxy_strata", "neyman_allocation", "stratified_draw", "stratified_mean",
+           "defensive_probabilities", "importance_mean", "control_variate_mean"]
+
+
+@dataclass(frozen=True)
+class MeanEstimate:
+    """``value`` estimates the population mean with standard error ``se`` from ``samples`` draws."""
+
+    value: float
+    se: float
+    samples: int
+
+
+def _check_1d(name: str, x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() != 1:
+        raise ValueError(f"{name} must be a 1-d tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} has non-finite entries")
+    return x.double()
+
+
+# -- stratified sampling ----------------------------------------------------------------
+
+def proxy_strata(proxy: Tensor, strata: int) -> List[Tensor]:
+    """The sample indices of ``strata`` strata of (nearly) equal size by ``proxy``'s quantiles,
+    lowest proxy first (ties broken by index, so the strata are reproducible)."""
+    proxy = _check_1d("proxy", proxy)
+    if isinstance(strata, bool) or not isinstance(strata, int) or not 1 <= strata <= proxy.numel():
+        raise ValueError(f"strata must be an int in [1, {proxy.numel()}], got {strata!r}")
+    order = torch.sort(proxy, stable=True).indices
+    return list(torch.tensor_split(order, strata))
+
+
+def neyman_allocation(sizes: Sequence[int], spreads: Tensor, total: int, *, minimum: int = 2,
+                      spread_floor: float = 0.1) -> List[int]:
+    """Samples per stratum for ``total`` draws: proportional to ``N_h * S_h`` (Neyman).
+
+    Args:
+        sizes: ``N_h``, the strata's sizes.
+        spreads: ``S_h``, their spreads (e.g. measured by the previous call, or a pilot).
+        total: draws to allocate (at most ``sum N_h``).
+        minimum: draws every stratum gets at least (2: a spread can be estimated), where
+            its size allows.
+        spread_floor: each ``S_h`` is raised to ``spread_floor`` times the pooled
+            ``sum N_h S_h / N``, so that a stratum whose pilot spread was zero (or wrong)
+            is still sampled: the defence against a stale allocation.
+
+    Returns:
+        ``t_h`` with ``minimum <= t_h <= N_h`` (or ``N_h`` for smaller strata) and
+        ``sum t_h == total``.
+    """
+    sizes_t = torch.tensor([int(n) for n in sizes], dtype=torch.float64)
+    spreads = _check_1d("spreads", spreads)
+    if spreads.numel() != sizes_t.numel():
+        raise ValueError(f"got {sizes_t.numel()} strata sizes but {spreads.numel()} spreads")
+    if (spreads < 0).any() or (sizes_t < 1).any():
+        raise ValueError("strata sizes must be positive and spreads non-negative")
+    N = int(sizes_t.sum())
+    if not 0 < total <= N:
+        raise ValueError(f"total must be in [1, {N}], got {total}")
+    pooled = float((sizes_t * spreads).sum()) / N
+    s = spreads.clamp_min(spread_floor * pooled) if pooled > 0 else torch.ones_like(spreads)
+    alloc = torch.minimum(sizes_t, torch.full_like(sizes_t, float(minimum)))
+    if alloc.sum() > total:  # too few draws for the minimum: one per stratum, largest first
+        alloc = torch.zeros_like(sizes_t)
+        alloc[torch.argsort(-(sizes_t * s))[:total]] = 1
+        return [int(a) for a in alloc]
+    # water-filling: share what is left in proportion to N_h S_h, capped at N_h
+    for _ in range(len(sizes_t) + 1):
+        left = total - alloc.sum()
+        room = sizes_t - alloc
+        open_ = room > 0
+        if left <= 0 or not open_.any():
+            break
+        w = (sizes_t * s) * open_
+        share = left * w / w.sum()
+        alloc = torch.minimum(sizes_t, alloc + share)
+    t = torch.floor(alloc)
+    # largest remainders get the last draws
+    rest = int(total - t.sum())
+    if rest > 0:
+        frac = (alloc - t).masked_fill(t >= sizes_t, -1.0)
+        t[torch.argsort(-frac)[:rest]] += 1
+    return [int(x) for x in t]
+
+
+def stratified_draw(strata: Sequence[Tensor], allocation: Sequence[int], generator: torch.Generator
+                    ) -> List[Tensor]:
+    """Per stratum, ``allocation[h]`` of its indices drawn without replacement."""
+    if len(strata) != len(allocation):
+        raise ValueError(f"{len(strata)} strata but {len(allocation)} allocations")
+    out = []
+    for idx, t in zip(strata, allocation):
+        if not 0 <= t <= idx.numel():
+            raise ValueError(f"cannot draw {t} of a stratum of {idx.numel()}")
+        out.append(idx[torch.randperm(idx.numel(), generator=generator)[:t]])
+    return out
+
+
+def stratified_mean(values: Sequence[Tensor], sizes: Sequence[int]) -> MeanEstimate:
+    """The stratified estimate ``sum_h W_h mean_h`` and its standard error.
+
+    ``values[h]`` are the ``t_h`` values drawn without replacement from stratum
+    ``h`` of size ``N_h``; ``W_h = N_h / N``.  Variance
+    ``sum_h W_h^2 (1 - t_h / N_h) s_h^2 / t_h`` (``s_h``: the sample standard
+    deviation; a stratum drawn whole contributes none).  A stratum with
+    ``1 <= t_h < 2`` draws (and ``t_h < N_h``) has no spread estimate: the
+    standard error is then ``inf``, an honest "unknown".  Every stratum needs a draw.
+    """
+    if len(values) != len(sizes) or not values:
+        raise ValueError(f"need one value tensor per stratum: {len(values)} for {len(sizes)} strata")
+    N = float(sum(sizes))
+    mean, var, t_all = 0.0, 0.0, 0
+    for vals, Nh in zip(values, sizes):
+        vals = _check_1d("values", vals)
+        t = vals.numel()
+        if t == 0:
+            raise ValueError("every stratum needs at least one draw (an empty stratum's mean is unknown)")
+        W = Nh / N
+        mean += W * float(vals.mean())
+        t_all += t
+        if t >= Nh:
+            continue
+        if t < 2:
+            var = math.inf
+            continue
+        var += W * W * (1 - t / Nh) * float(vals.var()) / t
+    return MeanEstimate(mean, math.sqrt(var), t_all)
+
+
+# -- importance sampling ------------------------------------------------------------------
+
+def defensive_probabilities(proxy: Tensor, alpha: float = 0.1) -> Tensor:
+    """``q_d = (1 - alpha) s_d / sum s + alpha / N``: sampling probabilities from a proxy.
+
+    The uniform share ``alpha`` bounds every importance weight ``1 / (N q_d)`` by
+    ``1 / alpha``, so a sample the proxy wrongly rates as flat cannot blow up the
+    variance.  Negative proxies are refused; an all-zero proxy gives uniform ``q``.
+    """
+    s = _check_1d("proxy", proxy)
+    if (s < 0).any():
+        raise ValueError("proxy must be non-negative (use e.g. 1 - p_y, ||p - onehot(y)||, the loss)")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+    N = s.numel()
+    total = float(s.sum())
+    if total == 0:
+        return torch.full_like(s, 1.0 / N)
+    return (1 - alpha) * s / total + alpha / N
+
+
+def importance_mean(values: Tensor, probabilities: Tensor, population: int) -> MeanEstimate:
+    """Hansen-Hurwitz estimate of the population mean from ``t`` draws *with replacement*.
+
+    ``values[i] = c_{d_i}`` and ``probabilities[i] = q_{d_i}`` for draws ``d_i ~ q``
+    over a population of ``population`` samples; the estimate is the mean of
+    ``y_i = c_{d_i} / (population * q_{d_i})`` (unbiased for every ``q`` that is
+    positive wherever ``c`` is nonzero), its standard error ``std(y) / sqrt(t)``.
+    """
+    c = _check_1d("values", values)
+    q = _check_1d("probabilities", probabilities)
+    t = c.numel()
+    if q.numel() != t:
+        raise ValueError(f"values and probabilities must have the same length, got {t} and {q.numel()}")
+    if (q <= 0).any() or (q > 1).any():
+        raise ValueError("probabilities must lie in (0, 1]")
+    if t < 2:
+        raise ValueError("need at least two draws to estimate a standard error")
+    y = c / (population * q)
+    return MeanEstimate(float(y.mean()), float(y.std()) / math.sqrt(t), t)
+
+
+def control_variate_mean(values: Tensor, control: Tensor, control_mean: float,
+                         population: int | None = None, beta: float | None = None) -> MeanEstimate:
+    """Control-variate estimate ``mean(c) - beta (mean(z) - z_bar)`` from a uniform draw.
+
+    ``values`` and ``control`` are ``c_d`` and ``z_d`` on the same ``t`` samples
+    (drawn uniformly, without replacement from ``population`` samples when given,
+    else with replacement); ``control_mean`` is ``z``'s exact population mean.
+
+    ``beta``: a slope fixed before the draw (e.g. the previous call's, or one fit
+    on another part of the data): the estimate is then **unbiased**.  ``None``:
+    the least-squares slope on the draw itself (the regression estimator), which
+    is slightly biased, ``O(1/t)``: on the heavy-tailed populations of
+    ``tests/test_estimators.py`` about 0.15 standard errors at ``t = 240``; use it
+    for measurements, not for certificates.  The standard error is that of the
+    residuals ``c - beta z`` (``t - 1`` degrees of freedom, ``t - 2`` with a
+    fitted slope), with the finite-population correction.
+    """
+    c = _check_1d("values", values)
+    z = _check_1d("control", control)
+    t = c.numel()
+    if z.numel() != t:
+        raise ValueError(f"values and control must have the same length, got {t} and {z.numel()}")
+    if t < 3:
+        raise ValueError("need at least three draws for a control-variate estimate")
+    zc = z - z.mean()
+    fitted = beta is None
+    if fitted:
+        szz = float((zc * zc).sum())
+        beta = float((zc * (c - c.mean())).sum()) / szz if szz > 0 else 0.0
+    resid = c - c.mean() - beta * zc
+    s2 = float((resid * resid).sum()) / (t - 2 if fitted else t - 1)
+    fpc = 1.0 if population is None else max(0.0, 1 - t / population)
+    value = float(c.mean()) - beta * (float(z.mean()) - control_mean)
+    return MeanEstimate(value, math.sqrt(s2 / t * fpc), t)

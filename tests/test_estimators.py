@@ -1,0 +1,201 @@
+"""Estimators that beat uniform sampling (curvlab.estimators), on synthetic populations.
+
+The populations mimic per-sample curvatures ``c_d = v^T H_d v`` of a well-fit network: a
+proxy ``s_d`` (think ``1 - p_y``) that is near zero for most samples, and ``c_d`` whose size
+grows with ``s_d`` times a heavy-tailed (log-normal) factor, so that the top 5 % of samples
+carry about half of ``sum |c_d|``.  ``top``: positive values (an outlier direction); ``bottom``:
+signed values with a small negative mean (``lambda_min`` near zero).  The truth is the exact
+population mean.
+
+Each estimator is drawn ``R = 2000`` times (seed fixed).  Unbiasedness: the mean of the
+estimates lies within 4 Monte-Carlo standard errors of the truth (a false alarm has
+probability 6e-5 per check).  Calibration: the share of nominal 95 % intervals
+``value +- 1.96 se`` that cover the truth lies in ``[0.925, 0.975]``: the binomial sd of a
+coverage share over 2000 draws is 0.5 %, so the band allows 5 sd around 0.95 for noise and
+the normal approximation's small-sample error on these skewed populations (measured:
+0.932-0.956; plain uniform sampling covers 0.92-0.95 on them).
+"""
+
+import math
+
+import pytest
+import torch
+
+from curvlab.estimators import (control_variate_mean, defensive_probabilities, importance_mean,
+                                neyman_allocation, proxy_strata, stratified_draw, stratified_mean)
+
+D = torch.float64
+R = 2000
+Z = 1.959964
+
+
+def _population(kind: str, N: int = 4000, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(N, generator=g, dtype=D) ** 4                   # most samples nearly fit
+    heavy = torch.exp(torch.randn(N, generator=g, dtype=D))         # log-normal factor
+    if kind == "top":
+        c = 50 * s * heavy + 0.01 * torch.rand(N, generator=g, dtype=D)
+    else:
+        c = 20 * s * heavy * torch.randn(N, generator=g, dtype=D) - 0.3 * s
+    control = c * 0.8 + 0.3 * c.std() * torch.randn(N, generator=g, dtype=D)  # correlated z
+    return s, c, control
+
+
+def _top_share(c):
+    a = c.abs()
+    return float(a.topk(len(a) // 20).values.sum() / a.sum())
+
+
+def _summary(estimates, truth):
+    vals = torch.tensor([e.value for e in estimates], dtype=D)
+    se = torch.tensor([e.se for e in estimates], dtype=D)
+    bias_z = float((vals.mean() - truth) / (vals.std() / math.sqrt(len(vals))))
+    cover = float(((vals - truth).abs() <= Z * se).double().mean())
+    return bias_z, cover, float(vals.var())
+
+
+def _uniform(c, t, g):
+    idx = torch.randperm(len(c), generator=g)[:t]
+    x = c[idx]
+    N = len(c)
+    return x, float(x.std()) / math.sqrt(t) * math.sqrt(1 - t / N)
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom"])
+def test_population_is_heavy_tailed(kind):
+    s, c, _ = _population(kind)
+    assert _top_share(c) > 0.35  # a few samples carry most of the curvature
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom"])
+def test_stratified_neyman_is_unbiased_calibrated_and_beats_uniform(kind):
+    s, c, _ = _population(kind)
+    N, t, truth = len(c), 240, float(c.mean())
+    strata = proxy_strata(s, 8)
+    sizes = [len(i) for i in strata]
+    # spreads from a pilot population (another seed: a previous call's spreads, not the truth)
+    _, c_pilot, _ = _population(kind, seed=1)
+    s_pilot, _, _ = _population(kind, seed=1)
+    spreads = torch.stack([c_pilot[i].std() for i in proxy_strata(s_pilot, 8)])
+    alloc = neyman_allocation(sizes, spreads, t)
+    g = torch.Generator().manual_seed(7)
+    est = [stratified_mean([c[i] for i in stratified_draw(strata, alloc, g)], sizes) for _ in range(R)]
+    bias_z, cover, var = _summary(est, truth)
+    assert abs(bias_z) < 4, bias_z
+    assert 0.925 <= cover <= 0.975, cover
+    var_uniform = float(c.var()) / t * (1 - t / N)
+    # the proxy predicts where curvature lives (measured: 2.5x for the signed population, more
+    # for the positive one); 2x leaves room for the pilot's stale spreads
+    assert var_uniform / var > 2, var_uniform / var
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom"])
+def test_defensive_importance_sampling_is_unbiased_calibrated_and_beats_uniform(kind):
+    s, c, _ = _population(kind)
+    N, t, truth = len(c), 240, float(c.mean())
+    q = defensive_probabilities(s, alpha=0.1)
+    assert torch.isclose(q.sum(), torch.tensor(1.0, dtype=D))
+    assert float((1 / (N * q)).max()) <= 1 / 0.1 + 1e-9  # weights bounded by 1/alpha
+    g = torch.Generator().manual_seed(8)
+    est = []
+    for _ in range(R):
+        idx = torch.multinomial(q, t, replacement=True, generator=g)
+        est.append(importance_mean(c[idx], q[idx], N))
+    bias_z, cover, var = _summary(est, truth)
+    assert abs(bias_z) < 4, bias_z
+    assert 0.925 <= cover <= 0.975, cover
+    assert float(c.var()) / t / var > 2, float(c.var()) / t / var  # with replacement vs with
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom"])
+def test_control_variate_with_a_fixed_slope_is_unbiased_and_calibrated(kind):
+    s, c, z = _population(kind)
+    N, t, truth = len(c), 240, float(c.mean())
+    # the slope fixed beforehand: fit on a pilot population (another seed)
+    _, cp, zp = _population(kind, seed=1)
+    beta = float(((zp - zp.mean()) * (cp - cp.mean())).sum() / ((zp - zp.mean()) ** 2).sum())
+    g = torch.Generator().manual_seed(9)
+    fixed, fitted = [], []
+    for _ in range(R):
+        idx = torch.randperm(N, generator=g)[:t]
+        fixed.append(control_variate_mean(c[idx], z[idx], float(z.mean()), population=N, beta=beta))
+        fitted.append(control_variate_mean(c[idx], z[idx], float(z.mean()), population=N))
+    bias_z, cover, var = _summary(fixed, truth)
+    assert abs(bias_z) < 4, bias_z
+    assert 0.925 <= cover <= 0.975, cover
+    rho = float(torch.corrcoef(torch.stack([c, z]))[0, 1])
+    var_uniform = float(c.var()) / t * (1 - t / N)
+    assert var_uniform / var > 0.8 / (1 - rho ** 2), (var_uniform / var, 1 / (1 - rho ** 2))
+    # the slope fitted on the draw: biased by O(1/t), a small fraction of the standard error
+    vals = torch.tensor([e.value for e in fitted], dtype=D)
+    assert abs(float(vals.mean()) - truth) < 0.25 * float(vals.std())
+
+
+def test_uniform_reference_coverage_for_comparison():
+    # the uniform estimator on the same populations: the band above is not looser than what
+    # plain sampling achieves (it under-covers a little on the heavy tails)
+    for kind in ("top", "bottom"):
+        s, c, _ = _population(kind)
+        g = torch.Generator().manual_seed(10)
+        cover = 0
+        for _ in range(R):
+            x, se = _uniform(c, 240, g)
+            cover += abs(float(x.mean()) - float(c.mean())) <= Z * se
+        assert 0.9 <= cover / R <= 0.975, (kind, cover / R)
+
+
+def test_neyman_allocation_rules():
+    sizes = [100, 100, 100, 10]
+    spreads = torch.tensor([0.0, 1.0, 3.0, 50.0], dtype=D)
+    t = neyman_allocation(sizes, spreads, 60)
+    assert sum(t) == 60 and all(2 <= a <= n for a, n in zip(t, sizes))
+    assert t[3] == 10                      # capped at the stratum's size
+    assert t[2] > t[1] > t[0] >= 2         # ordered by N_h S_h; the zero-spread one floored
+    # uncapped: proportional to N_h S_h
+    t = neyman_allocation([100, 100], torch.tensor([1.0, 3.0], dtype=D), 40, minimum=0)
+    assert t == [10, 30]
+    # everything: every stratum whole
+    assert neyman_allocation(sizes, spreads, 310) == sizes
+    # fewer draws than strata need: one each for the heaviest
+    assert sum(neyman_allocation(sizes, spreads, 3)) == 3
+    with pytest.raises(ValueError, match="total"):
+        neyman_allocation(sizes, spreads, 311)
+    with pytest.raises(ValueError, match="spreads"):
+        neyman_allocation(sizes, spreads[:2], 10)
+
+
+def test_stratified_mean_formula_and_whole_strata():
+    a = torch.tensor([1.0, 2.0, 4.0], dtype=D)
+    b = torch.tensor([10.0, 14.0], dtype=D)
+    e = stratified_mean([a, b], [30, 10])
+    assert e.value == pytest.approx(0.75 * a.mean().item() + 0.25 * b.mean().item())
+    var = 0.75 ** 2 * (1 - 3 / 30) * a.var().item() / 3 + 0.25 ** 2 * (1 - 2 / 10) * b.var().item() / 2
+    assert e.se == pytest.approx(math.sqrt(var)) and e.samples == 5
+    whole = stratified_mean([a, b], [3, 2])   # every stratum drawn whole: the exact mean
+    assert whole.se == 0 and whole.value == pytest.approx((a.sum() + b.sum()).item() / 5)
+    assert stratified_mean([a, b[:1]], [30, 10]).se == math.inf  # one draw: spread unknown
+    with pytest.raises(ValueError, match="at least one draw"):
+        stratified_mean([a, b[:0]], [30, 10])
+
+
+def test_proxy_strata_cover_each_sample_once_in_proxy_order():
+    s = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3, 0.7, 0.2], dtype=D)
+    parts = proxy_strata(s, 3)
+    assert sorted(torch.cat(parts).tolist()) == list(range(7))
+    assert max(s[parts[0]]) <= min(s[parts[1]]) and max(s[parts[1]]) <= min(s[parts[2]])
+    with pytest.raises(ValueError, match="strata"):
+        proxy_strata(s, 8)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="non-negative"):
+        defensive_probabilities(torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="alpha"):
+        defensive_probabilities(torch.tensor([1.0, 1.0]), alpha=0)
+    assert torch.equal(defensive_probabilities(torch.zeros(4, dtype=D)), torch.full((4,), 0.25, dtype=D))
+    with pytest.raises(ValueError, match="probabilities"):
+        importance_mean(torch.ones(3), torch.tensor([0.5, 0.0, 0.5]), 3)
+    with pytest.raises(ValueError, match="same length"):
+        control_variate_mean(torch.ones(4), torch.ones(3), 0.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        proxy_strata(torch.tensor([1.0, float("nan")]), 1)
