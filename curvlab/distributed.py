@@ -237,25 +237,36 @@ class DataParallel:
         """The same split applied to the samples at ``index`` of :attr:`batches`.
 
         Sharding is decided once per call: the subsample and holdout operators
-        of :func:`curvlab.extremes` and the data of a curvature approximation
-        are subsets of the call's data, split with this object's ranks, group
-        and scheme.  The agreement checks (same data size, batch order and
-        weights on every rank) are not repeated; one all-gather of the sample
-        counts remains.  ``index`` must be the same on every rank (positions
-        drawn from a seeded generator are).
+        of :func:`curvlab.extremes` are subsets of the call's data, split with
+        this object's ranks, group and scheme.  The agreement checks (same data
+        size, batch order and weights on every rank) are not repeated; one
+        all-gather of the sample counts remains, which also checks that
+        ``index`` is the same on every rank (positions drawn from a seeded
+        generator are).
         """
+        index = torch.as_tensor(index)
+        return self.derive(lambda: self.batches.subset(index), checksum=float(
+            (index.double() * torch.arange(1, index.numel() + 1, dtype=torch.float64)).sum()))
+
+    def derive(self, make_batches: Callable[[], Batches], checksum: float = 0.0) -> "DataParallel":
+        """A :class:`DataParallel` over ``make_batches()`` (other data of the same call: a
+        subset, the first batches an approximation keeps), split with this object's ranks,
+        group and scheme, without the agreement checks.  ``make_batches`` runs on every
+        rank inside the failure protocol (an error on one rank is raised on all);
+        ``checksum`` must agree across ranks."""
         child = object.__new__(DataParallel)
         child.enabled, child.group, child.device = self.enabled, self.group, self.device
         child.scheme = child._split_scheme = self._split_scheme
         if self.enabled:
             child.rank, child.world_size, child.comm_device = self.rank, self.world_size, self.comm_device
-        child._split(self.batches.subset(index), None, check=False)
+        child._split(make_batches, None, check=False, checksum=checksum)
         return child
 
-    def _split(self, batches: Batches, fmodel, check: bool) -> None:
+    def _split(self, batches, fmodel, check: bool, checksum: float = 0.0) -> None:
         """Set :attr:`local`, :attr:`batches` and the counts; ``check``: compare data and
-        weights across ranks (module docstring)."""
+        weights across ranks (module docstring).  ``batches`` may be a function making them."""
         if not self.enabled:
+            batches = batches() if callable(batches) else batches
             self.rank, self.world_size, self.scheme = 0, 1, "contiguous"
             self.local = batches.part if isinstance(batches, PreSharded) else batches
             self.batches = self.local
@@ -265,18 +276,22 @@ class DataParallel:
             return
         part, error, count = None, None, 0
         try:
+            batches = batches() if callable(batches) else batches
             part = shard(batches, self.rank, self.world_size, self._split_scheme)
             count = part.local.num_samples
         except Exception as exc:  # reported to all ranks below
             error = exc
-        row = [float(error is not None), float(count)]
+        row = [float(error is not None), float(count), checksum]
         if check:
             fp = _fingerprint(fmodel) if fmodel is not None else [0.0] * 4
             row += [float(part.size_hint if part else -1), float(part.checksum if part else 0), *fp]
         table = self._all_gather_rows(torch.tensor(row, dtype=torch.float64))
         self._raise_if_failed(table[:, 0], error)
+        if (table[:, 2] != table[0, 2]).any():
+            raise ValueError("the ranks asked for different subsets of the data: the positions must "
+                             "be the same on every rank (draw them from a generator seeded alike)")
         if check:
-            self._check_agreement(table, part.scheme)
+            self._check_agreement(table[:, [0, 1] + list(range(3, table.shape[1]))], part.scheme)
         self.local, self.scheme = part.local, part.scheme
         self.batches = batches
         if part.scheme == "presharded" and not isinstance(batches, PreSharded):

@@ -79,7 +79,7 @@ class CostRecord:
         """The record of ``costs`` (``phases``: the phase of each, as in :data:`~curvlab.solve.PHASES`)."""
         samples = sum(_hvp_samples(c) for c in costs)
         split: Dict[str, float] = {}
-        for c, phase in zip(costs, phases or ()):
+        for c, phase in zip(costs, phases, strict=True) if phases is not None else ():
             if _hvp_samples(c) > 0:
                 split[phase] = split.get(phase, 0.0) + _hvp_samples(c) / num_samples
         return CostRecord(hvps=samples / num_samples, samples=int(samples),

@@ -129,30 +129,42 @@ def scenario_products(rank, world):
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
     out.update(_modes(model, X, Y))
     out["approximations"] = _approximations(model, X, Y)
+    out["fingerprints"] = _fingerprints_of_a_multilevel_call(model, X, Y)
     out["failures"] = _failures(rank)
     return out
 
 
 APPROX = [("diag", {}), ("diag", {"method": "hutchinson", "probes": 6}), ("ggn", {}), ("kfac", {})]
+APPROX_SAMPLES = (None, 6, 1)  # all; the first whole batches (4 + 4 = 8); one batch, on rank 0 only
 
 
-def _approximations(model, X, Y, reference=False):
-    """Each approximation built from the call's data (all of it, and its first 8 samples) on a
-    block; distributed, each rank reads only its shard of them.  The single-process reference
-    builds on ``X[:8]`` itself (one process keeps whole batches, at least 8 samples)."""
+def _approximations(model, X, Y):
+    """Each approximation built from the call's data (all of it, or its first batches) on a
+    block, and how many samples this rank read: distributed, each rank reads its shard."""
     out = {}
-    for samples in (None, 8):
-        data = (X, Y) if samples is None or not reference else (X[:samples], Y[:samples])
-        H = HessianOperator(model, F.cross_entropy, data, batch_size=BATCH)
+    H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=BATCH)
+    for samples in APPROX_SAMPLES:
         for name, options in APPROX:
-            A = build_curvature(name, H.fmodel, F.cross_entropy, H.parallel,
-                                max_samples=None if reference else samples, **options)
-            key = (name, options.get("method"), samples)
-            out[key] = dict(matvec=A.matvec(make_block(H.n)), m=A.num_samples,
-                            grad_samples=A.cost.grad_samples,
-                            local=getattr(A, "loop", None) and sum(
-                                batch_size_of(x) for x, _ in A.loop.parallel.local))
+            A = build_curvature(name, H.fmodel, F.cross_entropy, H.parallel, max_samples=samples, **options)
+            out[(name, options.get("method"), samples)] = dict(
+                matvec=A.matvec(make_block(H.n)), m=A.num_samples, grad_samples=A.cost.grad_samples,
+                local=sum(batch_size_of(x) for x, _ in A.loop.parallel.local))
     return out
+
+
+def _fingerprints_of_a_multilevel_call(model, X, Y) -> int:
+    """How many times a multilevel call with a curvature flag computes the weights' fingerprint
+    (the agreement all-gather): once, for the call's operator; its subsets skip it."""
+    import curvlab.distributed as cd
+    calls = []
+    original = cd._fingerprint
+    cd._fingerprint = lambda fm: calls.append(1) or original(fm)
+    try:
+        curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=4,
+                         curvature="kfac", approx_samples=6, **EXTREMES_KW)
+    finally:
+        cd._fingerprint = original
+    return len(calls)
 
 
 def _modes(model, X, Y):
@@ -348,7 +360,7 @@ def reference():
     out["sampler12"] = H12.matvec(make_block(H12.n))
     out["extremes"] = _extremes_summary(curvlab.extremes(model, F.cross_entropy, (X, Y), **EXTREMES_KW))
     out.update(_modes(model, X, Y))
-    out["approximations"] = _approximations(model, X, Y, reference=True)
+    out["approximations"] = _approximations(model, X, Y)
     out["dense"] = _dense_hessian(model, X, Y)
     return out
 
@@ -492,22 +504,25 @@ def test_multilevel_and_curvature_flags_under_two_ranks(products, reference, mod
 
 
 @pytest.mark.parametrize("name,method", [(n, o.get("method")) for n, o in APPROX])
-@pytest.mark.parametrize("samples", [None, 8])
+@pytest.mark.parametrize("samples", APPROX_SAMPLES)
 def test_approximations_built_data_parallel(products, reference, name, method, samples):
-    # built from H.parallel, an approximation divides its data pass over the ranks (each
-    # rank reads its shard of the samples used) and equals the single process's
+    # built from H.parallel, an approximation uses the same samples as one process (all, or the
+    # first whole batches), divides its data pass over the ranks (each reads its shard; with
+    # one batch, rank 1 reads nothing and still agrees) and equals the single process's
     key = (name, method, samples)
     ref = reference["approximations"][key]
-    m = N if samples is None else samples
-    assert ref["m"] == m
-    locals_ = []
+    m = {None: N, 6: 8, 1: BATCH}[samples]
+    assert ref["m"] == ref["local"] == m
     for r in products:
         got = r["approximations"][key]
         assert got["m"] == m and got["grad_samples"] == ref["grad_samples"]
         assert torch.allclose(got["matvec"], ref["matvec"], rtol=RTOL, atol=RTOL * ref["matvec"].abs().max())
-        locals_.append(got["local"])
-    if name == "ggn":  # its products read the shards: (7, 6) of 13, (4, 4) of 8
-        assert sorted(locals_) == sorted([(m + 1) // 2, m // 2])
+    shares = sorted(r["approximations"][key]["local"] for r in products)
+    assert shares == {None: [6, 7], 6: [4, 4], 1: [0, BATCH]}[samples]
+
+
+def test_subsets_do_not_repeat_the_agreement_checks(products):
+    assert [r["fingerprints"] for r in products] == [1, 1]
 
 
 def test_extremes_bit_identical_across_ranks(products):

@@ -43,7 +43,12 @@ def build_curvature(name: str, fmodel: FunctionalModel, loss_fn: Callable, batch
         name: one of :data:`APPROXIMATIONS`: ``"diag"``, ``"ggn"``, ``"kfac"``.
         fmodel: the model (in the mode wanted, normally eval).
         loss_fn: ``loss_fn(output, target) -> scalar`` batch-mean loss.
-        batches: :class:`~curvlab.data.Batches` (or what :func:`~curvlab.data.as_batches` takes).
+        batches: :class:`~curvlab.data.Batches` (or what :func:`~curvlab.data.as_batches` takes),
+            or an operator's :class:`~curvlab.distributed.DataParallel` (``H.parallel``) or a
+            :class:`~curvlab.loop.DataLoop`: in a torch.distributed job the build is then
+            divided over the ranks (:func:`~curvlab.curvature.base.approximation_loop`), on the
+            same samples as in one process.  Monte-Carlo Fisher labels (``fisher="mc"``) are
+            then drawn per rank from the same seed, so they differ from one process's draws.
         max_samples: build from the first batches holding at least this many
             samples (an estimate of the full-data approximation); ``None``: all data.
         seed: seeds everything random (Lanczos starts, probes, sampled labels).

@@ -168,13 +168,15 @@ def approximation_loop(fmodel: FunctionalModel, loss_fn: Callable, data, max_sam
                        cost: Cost) -> DataLoop:
     """The :class:`~curvlab.loop.DataLoop` an approximation reads, booking on ``cost``.
 
-    ``data`` is either what :func:`collect_batches` takes (one process: the
-    first batches up to ``max_samples`` samples are kept in memory), or a
+    ``data`` is either what :func:`collect_batches` takes (one process), or a
     :class:`~curvlab.distributed.DataParallel` (an operator's ``parallel``, as
     :func:`curvlab.extremes` passes it) or a :class:`~curvlab.loop.DataLoop`:
-    then the approximation is built data-parallel, each rank reading its shard
-    of the first ``max_samples`` samples (:meth:`DataParallel.subset`) and the
-    sums reduced over the ranks.
+    then, in a torch.distributed job, the approximation is built data-parallel:
+    each rank computes over its share of the samples used and the sums are
+    reduced over the ranks.  Either way the samples used are the same: all of
+    them, or with ``max_samples`` the first whole batches holding at least that
+    many (read on every rank, kept in memory so every later pass sees the same
+    ones, and split round-robin by batch over the ranks).
     """
     max_samples = check_max_samples(max_samples)
     if isinstance(data, DataLoop):
@@ -183,7 +185,9 @@ def approximation_loop(fmodel: FunctionalModel, loss_fn: Callable, data, max_sam
         if max_samples is not None and max_samples < data.num_samples:
             if not data.enabled:  # one process: the first batches, as for any data
                 return approximation_loop(fmodel, loss_fn, data.batches, max_samples, cost)
-            data = data.subset(torch.arange(max_samples))
+            source = data.batches
+            data = data.derive(lambda: as_batches(collect_batches(fmodel, source, max_samples)[0],
+                                                  check_data=False))
         return DataLoop(fmodel, loss_fn, data, cost)
     kept, _ = collect_batches(fmodel, data, max_samples)
     return data_loop(fmodel, loss_fn, kept, cost)

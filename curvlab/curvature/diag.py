@@ -143,7 +143,8 @@ def _exact_diagonal(loop: DataLoop, names, fisher, mc_samples, seed):
                     diag[k].add_(SJ.square().sum(dim=(0, 1)))
             tally.add_(S.shape[1] * nb)
 
-    loop.reduce_(local_sum, *diag.values(), tally)
+    loop.reduce_(local_sum, *diag.values())
+    loop.parallel.sum_(lambda: None, tally)  # apart: float64 would promote the diagonal
     loop.cost.grad_samples += int(tally.item())
     m = loop.num_samples
     return {k: v / m for k, v in diag.items()}
@@ -220,7 +221,7 @@ class Diagonal(CurvatureApprox):
         self.cost = cost if cost is not None else Cost()
         scratch = Cost()
         with Timer(self.cost):
-            loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
+            self.loop = loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
             self.num_samples = loop.num_samples
             if method == "auto":
                 method = "exact" if _output_size(loop) <= probes else "hutchinson"
@@ -228,6 +229,7 @@ class Diagonal(CurvatureApprox):
             d = ggn_diagonal(fmodel, loss_fn, loop, fmodel.spec.names, method=method,
                              probes=probes, seed=seed, cost=scratch)
         absorb(self.cost, scratch)
+        self.loop.cost = self.cost  # later passes (none yet) book on the approximation's cost
         self.diagonal = fmodel.spec.flatten(d).clamp_min(0)
         if not torch.isfinite(self.diagonal).all():
             raise ValueError("the GGN diagonal is not finite: check the model/inputs or use "

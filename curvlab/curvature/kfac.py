@@ -175,7 +175,7 @@ class KFAC(CurvatureApprox):
         scratch = Cost()
         with Timer(self.cost):
             self._find_layers()
-            loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
+            self.loop = loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
             self.num_samples = loop.num_samples
             self._select(loop)
             self._accumulate(loop, seed)
@@ -189,6 +189,7 @@ class KFAC(CurvatureApprox):
             if not torch.isfinite(self.diagonal).all():
                 raise ValueError("K-FAC's diagonal block is not finite: check the model/inputs")
         absorb(self.cost, scratch)
+        self.loop.cost = self.cost  # later passes (none yet) book on the approximation's cost
         self._check_coverage()
 
     # -- building ------------------------------------------------------------------
@@ -252,8 +253,16 @@ class KFAC(CurvatureApprox):
         modules = dict(self.fmodel.module.named_modules())
         covered = {blk.weight for blk in self.blocks} | {blk.bias for blk in self.blocks if blk.bias}
         leaf = LeafGradients(self.fmodel, [k for k in self.fmodel.spec.names if k not in covered])
-        fired = discover_probes(self.fmodel, loop.parallel.local,
-                                {**{mn: modules[mn] for mn in self._layer_of}, **leaf.modules})
+        candidates = {**{mn: modules[mn] for mn in self._layer_of}, **leaf.modules}
+        names = list(candidates)
+        mask = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+
+        def local():  # a rank with no samples finds nothing; the ranks agree on the union
+            found = discover_probes(self.fmodel, loop.parallel.local, candidates)
+            mask.copy_(torch.tensor([float(n in found) for n in names], dtype=torch.float64))
+
+        loop.parallel.sum_(local, mask)
+        fired = {n for n, f in zip(names, mask.tolist()) if f > 0}
         keep = []
         for blk in self.blocks:
             blk.modules = [mn for mn in blk.modules if mn in fired]
@@ -311,7 +320,8 @@ class KFAC(CurvatureApprox):
                         self._diag_sum[k].add_(v)
                 rows[-1] += S.shape[2] * nb
 
-        loop.reduce_(local_sum, *A_sum.values(), *G_sum.values(), *self._diag_sum.values(), rows)
+        loop.reduce_(local_sum, *A_sum.values(), *G_sum.values(), *self._diag_sum.values())
+        loop.parallel.sum_(lambda: None, rows)  # the counts apart: float64 would promote the factors
         loop.cost.grad_samples += int(rows[-1].item())
         m = self.num_samples
         for blk in self.blocks:
