@@ -76,49 +76,63 @@ def neyman_allocation(sizes: Sequence[int], spreads: Tensor, total: int, *, mini
     Args:
         sizes: ``N_h``, the strata's sizes.
         spreads: ``S_h``, their spreads (e.g. measured by the previous call, or a pilot).
-        total: draws to allocate (at most ``sum N_h``).
+        total: draws to allocate (at least one per stratum, at most ``sum N_h``).
         minimum: draws every stratum gets at least (2: a spread can be estimated), where
-            its size allows.
+            its size and ``total`` allow (else one each).
         spread_floor: each ``S_h`` is raised to ``spread_floor`` times the pooled
             ``sum N_h S_h / N``, so that a stratum whose pilot spread was zero (or wrong)
-            is still sampled: the defence against a stale allocation.
+            is still sampled in proportion to its size: the defence against a stale
+            allocation.
 
     Returns:
-        ``t_h`` with ``minimum <= t_h <= N_h`` (or ``N_h`` for smaller strata) and
-        ``sum t_h == total``.
+        ``t_h`` with ``sum t_h == total`` and ``floor_h <= t_h <= N_h``: the Neyman shares
+        ``total * N_h S_h / sum N_h S_h`` with the strata above their size, then those
+        below their floor, fixed there and the rest re-shared among the others, then rounded
+        by largest remainders.
+
+    Raises:
+        ValueError: ``total`` below the number of strata (a stratum without a draw has an
+            unknown mean: merge strata or draw more) or above ``sum N_h``.
     """
     sizes_t = torch.tensor([int(n) for n in sizes], dtype=torch.float64)
     spreads = _check_1d("spreads", spreads)
-    if spreads.numel() != sizes_t.numel():
-        raise ValueError(f"got {sizes_t.numel()} strata sizes but {spreads.numel()} spreads")
+    K = sizes_t.numel()
+    if spreads.numel() != K:
+        raise ValueError(f"got {K} strata sizes but {spreads.numel()} spreads")
     if (spreads < 0).any() or (sizes_t < 1).any():
         raise ValueError("strata sizes must be positive and spreads non-negative")
     N = int(sizes_t.sum())
-    if not 0 < total <= N:
-        raise ValueError(f"total must be in [1, {N}], got {total}")
+    if not K <= total <= N:
+        raise ValueError(f"total must be in [{K}, {N}] (one draw per stratum at least), got {total}")
     pooled = float((sizes_t * spreads).sum()) / N
-    s = spreads.clamp_min(spread_floor * pooled) if pooled > 0 else torch.ones_like(spreads)
-    alloc = torch.minimum(sizes_t, torch.full_like(sizes_t, float(minimum)))
-    if alloc.sum() > total:  # too few draws for the minimum: one per stratum, largest first
-        alloc = torch.zeros_like(sizes_t)
-        alloc[torch.argsort(-(sizes_t * s))[:total]] = 1
-        return [int(a) for a in alloc]
-    # water-filling: share what is left in proportion to N_h S_h, capped at N_h
-    for _ in range(len(sizes_t) + 1):
-        left = total - alloc.sum()
-        room = sizes_t - alloc
-        open_ = room > 0
-        if left <= 0 or not open_.any():
-            break
-        w = (sizes_t * s) * open_
-        share = left * w / w.sum()
-        alloc = torch.minimum(sizes_t, alloc + share)
-    t = torch.floor(alloc)
-    # largest remainders get the last draws
-    rest = int(total - t.sum())
-    if rest > 0:
+    w = sizes_t * spreads.clamp_min(spread_floor * pooled)
+    if not float(w.sum()) > 0:
+        w = sizes_t.clone()  # no spread known anywhere: proportional allocation
+    low = torch.minimum(sizes_t, torch.full_like(sizes_t, float(minimum)))
+    if low.sum() > total:
+        low = torch.ones_like(sizes_t)
+    alloc = torch.zeros_like(sizes_t)
+    fixed = torch.zeros(K, dtype=torch.bool)
+    for _ in range(2 * K + 1):
+        free = ~fixed
+        left = total - float(alloc[fixed].sum())
+        share = torch.zeros_like(sizes_t)
+        share[free] = left * w[free] / w[free].sum()
+        above = free & (share > sizes_t)
+        if above.any():  # caps first: what they free raises the others' shares
+            alloc[above], fixed = sizes_t[above], fixed | above
+            continue
+        below = free & (share < low)
+        if below.any():
+            alloc[below], fixed = low[below], fixed | below
+            continue
+        alloc[free] = share[free]
+        break
+    t = torch.floor(alloc + 1e-9)
+    rest = int(round(total - float(t.sum())))
+    if rest > 0:  # largest remainders get the last draws
         frac = (alloc - t).masked_fill(t >= sizes_t, -1.0)
-        t[torch.argsort(-frac)[:rest]] += 1
+        t[torch.argsort(-frac, stable=True)[:rest]] += 1
     return [int(x) for x in t]
 
 
@@ -154,6 +168,8 @@ def stratified_mean(values: Sequence[Tensor], sizes: Sequence[int]) -> MeanEstim
         t = vals.numel()
         if t == 0:
             raise ValueError("every stratum needs at least one draw (an empty stratum's mean is unknown)")
+        if t > Nh:
+            raise ValueError(f"{t} draws from a stratum of {Nh}: draws are without replacement")
         W = Nh / N
         mean += W * float(vals.mean())
         t_all += t

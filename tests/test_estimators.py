@@ -74,8 +74,7 @@ def test_stratified_neyman_is_unbiased_calibrated_and_beats_uniform(kind):
     strata = proxy_strata(s, 8)
     sizes = [len(i) for i in strata]
     # spreads from a pilot population (another seed: a previous call's spreads, not the truth)
-    _, c_pilot, _ = _population(kind, seed=1)
-    s_pilot, _, _ = _population(kind, seed=1)
+    s_pilot, c_pilot, _ = _population(kind, seed=1)
     spreads = torch.stack([c_pilot[i].std() for i in proxy_strata(s_pilot, 8)])
     alloc = neyman_allocation(sizes, spreads, t)
     g = torch.Generator().manual_seed(7)
@@ -147,21 +146,47 @@ def test_uniform_reference_coverage_for_comparison():
 def test_neyman_allocation_rules():
     sizes = [100, 100, 100, 10]
     spreads = torch.tensor([0.0, 1.0, 3.0, 50.0], dtype=D)
-    t = neyman_allocation(sizes, spreads, 60)
-    assert sum(t) == 60 and all(2 <= a <= n for a, n in zip(t, sizes))
-    assert t[3] == 10                      # capped at the stratum's size
-    assert t[2] > t[1] > t[0] >= 2         # ordered by N_h S_h; the zero-spread one floored
+    # N_h S_h with the zero spread floored at 0.1 x pooled (2.90): [29, 100, 300, 500]; the last
+    # stratum's share (32.3) is capped at its size 10, the other 50 re-shared: [3.4, 11.7, 35.0]
+    assert neyman_allocation(sizes, spreads, 60) == [3, 12, 35, 10]
     # uncapped: proportional to N_h S_h
-    t = neyman_allocation([100, 100], torch.tensor([1.0, 3.0], dtype=D), 40, minimum=0)
-    assert t == [10, 30]
+    assert neyman_allocation([100, 100], torch.tensor([1.0, 3.0], dtype=D), 40, minimum=0) == [10, 30]
+    # a floor binds: [2, 2, 6] is Neyman [0.6, 0.6, 8.8] with two strata raised to 2
+    assert neyman_allocation([50, 50, 50], torch.tensor([0.1, 0.1, 10.0], dtype=D), 10,
+                             spread_floor=0.0) == [2, 2, 6]
     # everything: every stratum whole
     assert neyman_allocation(sizes, spreads, 310) == sizes
-    # fewer draws than strata need: one each for the heaviest
-    assert sum(neyman_allocation(sizes, spreads, 3)) == 3
+    # fewer draws than the minimum allows: one each first, the rest by N_h S_h; sums to total
+    t = neyman_allocation(sizes, spreads, 5)
+    assert sum(t) == 5 and min(t) >= 1, t
+    # no spread anywhere and no floor: proportional to the sizes
+    assert neyman_allocation([30, 10], torch.zeros(2, dtype=D), 8, spread_floor=0.0) == [6, 2]
+    with pytest.raises(ValueError, match="one draw per stratum"):
+        neyman_allocation(sizes, spreads, 3)
     with pytest.raises(ValueError, match="total"):
         neyman_allocation(sizes, spreads, 311)
     with pytest.raises(ValueError, match="spreads"):
         neyman_allocation(sizes, spreads[:2], 10)
+
+
+def test_importance_and_control_variate_exact_values():
+    c = torch.tensor([1.0, 4.0, 2.0, 8.0], dtype=D)
+    q = torch.tensor([0.1, 0.4, 0.2, 0.2], dtype=D)
+    e = importance_mean(c, q, 10)
+    y = c / (10 * q)                                  # [1, 1, 1, 4]
+    assert e.value == pytest.approx(1.75) and e.se == pytest.approx(float(y.std()) / 2)
+    z = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=D)
+    vals = torch.tensor([1.0, 3.0, 4.0, 8.0], dtype=D)
+    fixed = control_variate_mean(vals, z, 1.0, population=40, beta=2.0)
+    r = vals - 2.0 * z                                # [1, 1, 0, 2]: variance 2/3 (ddof 1)
+    assert fixed.value == pytest.approx(4.0 - 2.0 * (1.5 - 1.0))
+    assert fixed.se == pytest.approx(math.sqrt(float(r.var()) / 4 * (1 - 4 / 40)))
+    fitted = control_variate_mean(vals, z, 1.0)        # slope 2.2, residuals over t - 2
+    zc = z - z.mean()
+    beta = float((zc * (vals - vals.mean())).sum() / (zc * zc).sum())
+    resid = vals - vals.mean() - beta * zc
+    assert beta == pytest.approx(2.2) and fitted.value == pytest.approx(4.0 - beta * 0.5)
+    assert fitted.se == pytest.approx(math.sqrt(float((resid ** 2).sum()) / 2 / 4))
 
 
 def test_stratified_mean_formula_and_whole_strata():
@@ -176,6 +201,8 @@ def test_stratified_mean_formula_and_whole_strata():
     assert stratified_mean([a, b[:1]], [30, 10]).se == math.inf  # one draw: spread unknown
     with pytest.raises(ValueError, match="at least one draw"):
         stratified_mean([a, b[:0]], [30, 10])
+    with pytest.raises(ValueError, match="without replacement"):
+        stratified_mean([a, b], [30, 1])
 
 
 def test_proxy_strata_cover_each_sample_once_in_proxy_order():
