@@ -1,0 +1,196 @@
+"""Both extremes on a CNN trained on all 50,000 CIFAR-10 images (issue 13): where the cost goes.
+
+Model and checkpoints as in ``experiments/bench_correctness.py``: ResNet-8 (channels 8, 16, 32,
+BatchNorm) on 16x16 images, trained on all 50,000 training images with crops and flips,
+``c50k-e{E}`` after ``E`` epochs (cached; trained once, deterministic on one thread).  The
+Hessian is over the 50,000 unaugmented images in eval mode.
+
+Per checkpoint ``E`` in ``--epochs``:
+
+* **cold**: ``curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)`` for each seed, default
+  tolerances (1 % / 5 %);
+* **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
+  both ends and ``lambda_max`` alone (``which="LA"``);
+* per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
+  ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
+* **floors** along the cold seed-0 call's vectors (the returned approximate eigenvectors: the
+  variance of ``v^T H_d v`` is a property of the direction, and these are within the
+  tolerance of the extreme ones): per-sample curvatures over all 50,000 images, the forward
+  proxies and the Gauss-Newton control variate, scored as in ``experiments/bench_floors.py``;
+* ``--baseline``: the user's growing-batch power method (64 -> 1,000 -> all images, then the
+  shifted operator for ``lambda_min``), from ``experiments/bench_budget.py``, in the same run.
+
+References (optional, ``--refs E:lambda_min:lambda_max,...``): values from an exact full-data
+Lanczos run (``experiments/bench_correctness.py`` caches them as ``ref_c50k-e{E}.json`` in
+``--cache``; those are read automatically).
+
+Epochs: full-data HVPs times the FLOPs of an HVP over those of a gradient, per sample
+(``torch.utils.flop_counter``, batch of 128).
+
+Run (1 thread)::
+
+    OMP_NUM_THREADS=1 python -m experiments.bench_cnn50k --epochs 5,15 --json runs/cnn50k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import curvlab
+from curvlab.hvp import HessianOperator
+from experiments.bench_budget import Counter, growing_power
+from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
+from experiments.bench_curvature import make_data
+from experiments.bench_floors import floors, ggn_parts, proxies
+from experiments.cifar import find_cifar10
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def hvp_over_gradient(model, X, Y) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y = X[:128], Y[:128]
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(x), y).backward()
+    g = fc.get_total_flops()
+    model.zero_grad(set_to_none=True)
+    H = HessianOperator(model, F.cross_entropy, (x, y), batch_size=128)
+    with FlopCounterMode(display=False) as fc:
+        H.matvec(torch.randn(1, H.n))
+    return fc.get_total_flops() / g
+
+
+def row(label, r, ratio, ref) -> dict:
+    out = dict(call=label, hvps=r.cost.hvps, epochs=r.cost.hvps * ratio, seconds=r.cost.seconds,
+               phases={k: v * ratio for k, v in r.cost.phases.items()},
+               sample_size=getattr(r, "sample_size", None),
+               levels=[dict(sample_size=lv["sample_size"],
+                            ends={e: {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+                                  for e, d in lv["ends"].items()}) for lv in r.levels])
+    for end in ("max", "min"):
+        value = getattr(r, f"lambda_{end}")
+        if value is None or value != value:
+            continue
+        lo, hi = getattr(r, f"interval_{end}")
+        d = dict(value=value, lo=lo, hi=hi, converged=bool(getattr(r, f"converged_{end}")))
+        if ref is not None:
+            lam = ref[end]
+            d.update(ref=lam, rel_err=abs(value - lam) / abs(lam), contains=bool(lo <= lam <= hi))
+        out[end] = d
+    return out
+
+
+def show_levels(d):
+    for lv in d["levels"]:
+        ends = "; ".join(f"{e}: theta_S {x.get('theta_subsample', float('nan')):.4g} res {x.get('residual', float('nan')):.2g} "
+                         f"holdout {x.get('holdout')} accepted {x.get('accepted')}" for e, x in lv["ends"].items())
+        log(f"      level m={lv['sample_size']}: {ends}")
+
+
+def show(d):
+    parts = [f"{d['call']:>10}: {d['epochs']:.1f} epochs ({d['hvps']:.2f} HVPs, {d['seconds']:.0f} s)",
+             "phases " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items())]
+    for end in ("max", "min"):
+        if end in d:
+            e = d[end]
+            s = f"{end} {e['value']:.5g} ({e['lo']:.5g}, {e['hi']:.5g}) conv={e['converged']}"
+            if "ref" in e:
+                s += f" err {100 * e['rel_err']:.2f} % covers={e['contains']}"
+            parts.append(s)
+    log(" | ".join(parts))
+
+
+def save(args, report, E, out):
+    """Write the report so far (after every call: nothing is lost on interruption)."""
+    report["checkpoints"][f"c50k-e{E}"] = out
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None)
+    p.add_argument("--cache", default="runs/cache")
+    p.add_argument("--epochs", default="5,15", help="checkpoints (c50k-e{E}; E-1 is the warm start)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--refs", default="", help="E:lambda_min:lambda_max,... (reference values)")
+    p.add_argument("--baseline", action="store_true", help="also the growing-batch power method")
+    p.add_argument("--no-floors", action="store_true")
+    p.add_argument("--cold-only", action="store_true", help="skip the warm calls")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    cache = Path(args.cache)
+    data = find_cifar10(args.data)
+    X, Y = make_data(data, BIG, POOL)
+    epochs = [int(e) for e in args.epochs.split(",")]
+    paths = big_checkpoints(cache, data, sorted({e for E in epochs for e in (E - 1, E) if e >= 1}), X, Y)
+    refs = {}
+    for item in filter(None, args.refs.split(",")):
+        E, lo, hi = item.split(":")
+        refs[int(E)] = {"min": float(lo), "max": float(hi)}
+    for E in epochs:
+        f = cache / f"ref_c50k-e{E}.json"
+        if E not in refs and f.exists():
+            j = json.loads(f.read_text())
+            refs[E] = {"min": j["min"]["value"], "max": j["max"]["value"]}
+    report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
+                  library=curvlab.__file__, checkpoints={})
+    for E in epochs:
+        model, meta = load_checkpoint(paths[E])
+        ratio = hvp_over_gradient(model, X, Y)
+        ref = refs.get(E)
+        log(f"c50k-e{E}: train acc {meta['train_acc']:.4f}, HVP/gradient FLOPs {ratio:.2f}, ref {ref}")
+        out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
+        first = None
+        for s in range(args.seeds):
+            r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)
+            first = first or r
+            out["calls"].append(row(f"cold s{s}", r, ratio, ref))
+            show(out["calls"][-1])
+            show_levels(out["calls"][-1])
+            save(args, report, E, out)
+        if E - 1 >= 1 and not args.cold_only:
+            prev_model, _ = load_checkpoint(paths[E - 1])
+            prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0)
+            log(f"  (warm start: e{E - 1} call, {prev.cost.hvps * ratio:.1f} epochs)")
+            for label, kw in (("warm", {}), ("warm LA", {"which": "LA"})):
+                r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=0, init=prev, **kw)
+                out["calls"].append(row(label, r, ratio, ref))
+                show(out["calls"][-1])
+                show_levels(out["calls"][-1])
+                save(args, report, E, out)
+        if args.baseline:
+            counter = Counter()
+            t = time.perf_counter()
+            lmax, lmin = growing_power(model, X, Y, counter)
+            hv = counter.samples / len(X)
+            out["growing_batch"] = dict(max=lmax, min=lmin, hvps=hv, epochs=hv * ratio,
+                                        seconds=time.perf_counter() - t)
+            log(f"  growing-batch power: max {lmax:.5g} min {lmin:.5g}, {hv * ratio:.1f} epochs")
+        if not args.no_floors:
+            px = proxies(model, X, Y)
+            last = [k for k, _ in model.named_parameters()][-1].rsplit(".", 1)[0]
+            H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=512)
+            out["floors"] = {}
+            for end in ("max", "min"):
+                v = getattr(first, f"vector_{end}").float()
+                v = v / v.norm()
+                c = H.per_sample_curvature(v).double()
+                g, gl = ggn_parts(model, X, Y, v, last)
+                out["floors"][end] = fl = floors(c, px, g, gl)
+                best = sorted(fl["factors"].items(), key=lambda kv: -kv[1])[:6]
+                log(f"  floor {end}: cv {fl['cv']:.2f}, top5 {fl['top5_share']:.2f}, "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in best))
+        save(args, report, E, out)
+
+
+if __name__ == "__main__":
+    main()
