@@ -110,7 +110,7 @@ def proxies(model, X, Y) -> dict:
     others = p.masked_fill(onehot.bool(), -1).amax(1)
     return {"1-p_y": 1 - py, "|p-onehot|": (p - onehot).norm(dim=1),
             "loss": F.cross_entropy(logits, Y, reduction="none"), "1-margin": (1 - (py - others)) / 2,
-            "_p": p, "_acc": float((logits.argmax(1) == Y).double().mean())}
+            "_acc": float((logits.argmax(1) == Y).double().mean())}
 
 
 def ggn_parts(model, X, Y, v: torch.Tensor, last: str) -> tuple:

@@ -195,8 +195,8 @@ def approximation_loop(fmodel: FunctionalModel, loss_fn: Callable, data, max_sam
 
 def absorb(cost: Cost, scratch: Cost) -> None:
     """Add ``scratch``'s counts (not its seconds: the build is timed as a whole) to ``cost``."""
-    for name in ("hvps", "samples", "passes", "grad_samples", "forward_samples", "load_passes"):
-        setattr(cost, name, getattr(cost, name) + getattr(scratch, name))
+    seconds = cost.seconds
+    cost.__dict__.update((cost + scratch).__dict__, seconds=seconds)
 
 
 def data_loop(fmodel: FunctionalModel, loss_fn: Callable, data, cost: Cost | None = None) -> DataLoop:
