@@ -51,6 +51,11 @@ class CostRecord:
         load_passes: passes that only loaded the data to count its samples
             (a loader that cannot say its size upfront); no model is run in
             them, and they are not in ``passes``.
+        gradients: the gradient-equivalent work inside ``hvps`` (statistics,
+            Gauss-Newton forms, approximations), in full-data gradients: it is
+            counted there at half an HVP each, so a benchmark that knows its
+            HVP/gradient cost ratio ``c`` reads the call's cost in gradient passes
+            (epochs) as ``(hvps - gradients / 2) * c + gradients``.
         phases: ``hvps`` split by where the work went, ``{phase: full-data
             equivalents}`` over :data:`curvlab.solve.PHASES` (phases with no work
             left out): ``search`` (the solver on subsamples), ``certify``
@@ -73,6 +78,7 @@ class CostRecord:
     forward_samples: int = 0
     load_passes: int = 0
     phases: Dict[str, float] = field(default_factory=dict)
+    gradients: float = 0.0
 
     @staticmethod
     def total(costs, num_samples: int, seconds: float, phases=None) -> "CostRecord":
@@ -86,7 +92,8 @@ class CostRecord:
                           passes=sum(c.passes for c in costs),
                           products=int(sum(c.hvps for c in costs)), seconds=seconds,
                           forward_samples=sum(c.forward_samples for c in costs),
-                          load_passes=sum(c.load_passes for c in costs), phases=split)
+                          load_passes=sum(c.load_passes for c in costs), phases=split,
+                          gradients=sum(c.grad_samples for c in costs) / num_samples)
 
 
 @dataclass(frozen=True)

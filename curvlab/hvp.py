@@ -37,11 +37,13 @@ sums are all-reduced, so every rank gets the same full-data product
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .data import Batches, as_batches
 from .distributed import DataParallel
@@ -226,7 +228,7 @@ class HessianOperator(DataLoop):
         total.div_(self.num_samples)
         return total[0] if single else total
 
-    def holdout_statistics(self, V: Tensor, group_size: int = 64):
+    def holdout_statistics(self, V: Tensor, group_size: int = 64, gauss_newton: Tensor | None = None):
         """Products ``H_g V`` over groups ``g`` of about ``group_size`` samples, as sums.
 
         Returns a :class:`curvlab.sampling.HoldoutAccumulator` for the ``k`` rows of
@@ -236,26 +238,99 @@ class HessianOperator(DataLoop):
         passes: each group is one block HVP).  Batches are cut into groups when
         their inputs are tensors; other batches are one group each.
 
-        Cost: the same as :meth:`matvec` on ``V`` (``k * N`` per-sample products).
+        ``gauss_newton``: a ``(k,)`` bool mask of the rows whose groups also get their
+        Gauss-Newton quadratic forms ``v^T G_g v`` (:meth:`gauss_newton_forms`), the
+        control variate of :func:`curvlab.sampling.holdout_estimate`.
+
+        Cost: the same as :meth:`matvec` on ``V`` (``k * N`` per-sample products), plus
+        one forward-mode pass per masked row (``grad_samples``).
         """
         from .sampling import HoldoutAccumulator
 
         V, _ = self._block(V)
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        k = V.shape[0]
+        mask = (torch.zeros(k, dtype=torch.bool) if gauss_newton is None
+                else torch.as_tensor(gauss_newton, dtype=torch.bool).cpu())
+        if mask.shape != (k,):
+            raise ValueError(f"gauss_newton must be a ({k},) bool mask, got shape {tuple(mask.shape)}")
+        rows = mask.nonzero().flatten().tolist()
         acc = HoldoutAccumulator(V)
-        scalars = torch.zeros(3, dtype=torch.float64, device=self.device)
+        scalars = torch.zeros(5, dtype=torch.float64, device=self.device)  # W1, W2, groups, forms, failed
+        state = dict(forms=0, failed=0)
 
         def local_sum():
             for index, x, y, nb in self.local_batches(group_size):
-                acc.add(self._batch_hvp(x, y, index, V), nb)
-            scalars.copy_(torch.tensor([acc.W1, acc.W2, acc.groups], dtype=torch.float64))
+                products = self._batch_hvp(x, y, index, V)  # first: its errors explain bad inputs
+                forms = None
+                if rows and not state["failed"]:
+                    try:
+                        forms = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
+                        forms[rows] = self._batch_forms(x, y, index, V[rows])
+                        state["forms"] += len(rows) * nb
+                    except (RuntimeError, NotImplementedError) as exc:
+                        # the products ran, so the model is fine: forward mode is what failed
+                        # (an operation without a forward-mode rule); go on without the variate
+                        warnings.warn(f"Gauss-Newton forms unavailable ({exc}); the holdout goes on "
+                                      "without its control variate", RuntimeWarning, stacklevel=4)
+                        state["failed"], forms = 1, None
+                acc.add(products, nb, forms)
+            scalars.copy_(torch.tensor([acc.W1, acc.W2, acc.groups, state["forms"], state["failed"]],
+                                       dtype=torch.float64))
 
-        k = V.shape[0]
-        self.reduce_(local_sum, acc.P1, acc.P2, acc.S2, acc.Q1, acc.Q2, scalars,
-                     hvps=k, samples=k * self.num_samples, passes=1)
+        sums = [getattr(acc, name) for name in acc._SUMS]
+        self.reduce_(local_sum, *sums, scalars, hvps=k, samples=k * self.num_samples, passes=1)
         acc.W1, acc.W2, acc.groups = float(scalars[0]), float(scalars[1]), int(scalars[2])
+        self.cost.grad_samples += int(scalars[3])
+        acc.has_forms = mask.to(acc.has_forms.device) & (float(scalars[4]) == 0)
         return acc
+
+    # -- the Gauss-Newton part of the quadratic form --------------------------------
+    def _batch_forms(self, x, y, index: int, V: Tensor) -> Tensor:
+        """``(k,)`` batch means of ``v^T G_d v = (J_d v)^T (d^2 loss_d / d out^2) (J_d v)``.
+
+        One forward-mode pass (``J v``) per vector; the loss Hessian in the outputs is
+        applied by differentiating the output gradient of ``loss_fn`` (no network in it).
+        """
+        spec, params = self.fmodel.spec, self.fmodel.params
+
+        def f(p):
+            return self.fmodel(p, x)
+
+        out_forms = torch.empty(V.shape[0], dtype=torch.float64, device=self.device)
+        hvp_out = None
+        for j in range(V.shape[0]):
+            out, Jv = jvp(f, (params,), (spec.unflatten(V[j]),))
+            if hvp_out is None:
+                def batch_loss(o):
+                    loss = self.loss_fn(o, y)
+                    check_scalar(loss, index)
+                    return loss
+                _, hvp_out = vjp(grad(batch_loss), out.detach())
+            (HJv,) = hvp_out(Jv)
+            out_forms[j] = (HJv * Jv).sum().double()
+        return check_finite(out_forms, index, "Gauss-Newton quadratic form")
+
+    def gauss_newton_forms(self, V: Tensor) -> Tensor:
+        """``(k,)`` full-data means of the Gauss-Newton quadratic forms ``v^T G v``.
+
+        ``G`` is the generalised Gauss-Newton part of the Hessian
+        (:class:`curvlab.curvature.GGN`); ``v^T G v`` over this operator's data is
+        exact and costs one forward-mode pass per vector, about one gradient, against
+        about three for the quadratic form ``v^T H v`` (an HVP).  It is the population
+        mean that makes the holdout's control variate unbiased
+        (:func:`curvlab.sampling.holdout_estimate`).
+        """
+        V, _ = self._block(V)
+        total = torch.zeros(V.shape[0], dtype=torch.float64, device=self.device)
+
+        def local_sum():
+            for index, x, y, nb in self.local_batches():
+                total.add_(self._batch_forms(x, y, index, V), alpha=nb)
+
+        self.reduce_(local_sum, total, grad_samples=V.shape[0] * self.num_samples)
+        return total / self.num_samples
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Full-data mean loss and its gradient ``(n,)`` (one pass)."""

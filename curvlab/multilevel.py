@@ -15,13 +15,18 @@ from torch import Tensor
 
 from .sampling import (extreme_interval, guard_overturns, holdout_estimate, holdout_size_for,
                        kato_temple_interval, sampling_room)
-from .solve import EndPair, _Context, _ends_of, _exact, _solve_ends
+from .loop import Cost
+from .solve import EndPair, _Context, _ends_of, _exact, _hvp_samples, _solve_ends
+
+_FORM = _hvp_samples(Cost(grad_samples=1))
+"""What one per-sample Gauss-Newton form (a forward-mode pass, booked as a gradient) costs in
+per-sample HVPs, as the cost record and the budget count it."""
 
 
 @dataclass(frozen=True)
 class MultilevelPolicy:
-    """The multilevel regime's constants, in one place (the defaults are what every
-    figure in BENCHMARKS.md was measured with).
+    """The multilevel regime's constants, in one place (the defaults are what the
+    figures in BENCHMARKS.md were measured with, except where it says otherwise).
 
     Attributes:
         first_size: the first subsample size when neither ``sample_size`` nor a warm
@@ -56,6 +61,10 @@ class MultilevelPolicy:
             outside ``S`` takes all of them.
         settle_noise: a subsample pair that missed the solver's tolerance is still
             trusted when its residual is below this fraction of the sampling spread.
+        control_variate: ``lambda_max``'s holdout may use the Gauss-Newton part of
+            the quadratic form as a control variate (:func:`_certify`; the figures
+            of BENCHMARKS.md before its issue-13 "control variate" rows were
+            measured without it).
     """
 
     first_size: int = 2048
@@ -78,6 +87,7 @@ class MultilevelPolicy:
     chunk_margin: float = 1.1
     all_rest: float = 0.6
     settle_noise: float = 0.1
+    control_variate: bool = True
 
 
 POLICY = MultilevelPolicy()
@@ -98,7 +108,13 @@ def _multilevel(ctx: _Context, v0, m: int):
        ``T`` is everything outside ``S`` (then the Rayleigh quotient is exact):
        group products ``H_g v`` give the unbiased full-data Rayleigh quotient
        ``r`` with its standard error ``se``, and a noise-free estimate of the
-       full-data residual ``||H v - r v||`` (:mod:`curvlab.sampling`);
+       full-data residual ``||H v - r v||`` (:mod:`curvlab.sampling`); at the
+       top, when it is the cheaper, the Gauss-Newton part ``v^T G_d v`` of each
+       sample's quadratic form is a control variate: its exact mean outside
+       ``S`` (one forward-mode pass, about a gradient per sample against three
+       for an HVP) plus the holdout mean of ``v^T (H_d - G_d) v``, which spreads
+       far less where the Gauss-Newton part carries the outliers
+       (:func:`_control_variate_pays`);
     3. **interval**, for ``lambda_max`` (mirrored for ``lambda_min``): below,
        ``r - z se`` (Courant-Fischer: ``lambda_max >= r``); above, the tighter of
        the subsample bound ``theta_S + res_S + z sigma / sqrt(m)`` (the top
@@ -170,6 +186,7 @@ def _multilevel(ctx: _Context, v0, m: int):
             level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
                                       standard_error=est.se, holdout=est.holdout,
                                       residual_full=est.residual, interval=interval,
+                                      control_variate=est.control_variate,
                                       kato_temple=kt, accepted=ok,
                                       overturned=end in ctx.overturned)
             # the estimate: the interval's centre (the point whose worst error over the
@@ -362,6 +379,15 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     budget left goes (no later level will use it): those with a two-sided
     interval first, as only their width can still shrink; a one-sided end grows
     only when no end is two-sided.
+
+    ``lambda_max``'s first chunk also carries the Gauss-Newton forms of its groups
+    (when the budget left after it could pay a forward-mode pass over the rest;
+    counted in the chunk's size like the products).  Right after it,
+    :func:`_control_variate_pays` decides once whether the variate makes the rest
+    of the holdout cheaper; if so, the forms' exact mean outside ``S`` is completed
+    by one pass and the estimate becomes that mean plus the holdout mean of
+    ``v^T (H_d - G_d) v`` (:func:`curvlab.sampling.holdout_estimate`), and later
+    chunks carry forms too (except one that completes the holdout).
     """
     H, N = ctx.H, ctx.H.num_samples
     rest = N - m
@@ -376,7 +402,15 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     # S's guard rather than its extreme)
     guards = {e: found[e].guard.vector.to(H.device, H.dtype) for e in ends if found[e].guard is not None}
     t_next = min(rest, max(m, POLICY.first_chunk))
-    affordable = int(max(0.0, ctx.max_hvps - ctx.spent()) * N / (len(ends) + len(guards)))
+    # the Gauss-Newton control variate is tried at the top only (the GGN is positive
+    # semi-definite and carries the Hessian's outliers; at the bottom it follows nothing),
+    # and only when the budget left after the first chunk could pay for the population pass
+    left = max(0.0, ctx.max_hvps - ctx.spent()) * N
+    forms = {e for e in ends if e == "max" and POLICY.control_variate and t_next < rest
+             and left - t_next * (len(ends) + len(guards) + _FORM) >= _FORM * (rest - t_next)}
+    population: dict = {}  # end -> exact mean of v^T G_d v outside S, once the variate is chosen
+    per_sample = len(ends) + len(guards) + _FORM * len(forms)
+    affordable = int(left / per_sample)
     t_next = max(min(t_next, affordable), min(rest, POLICY.min_chunk))
     group = max(1, min(POLICY.max_group, t_next // POLICY.groups))
     ctx.overturned.clear()
@@ -384,21 +418,40 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         HT = H.subset(perm[m + t:m + t_next])
         ctx.book(HT.cost, "certify")
         rows = [vectors[e] for e in active] + ([g / g.norm() for g in guards.values()] if t == 0 else [])
-        part = HT.holdout_statistics(torch.stack(rows), group_size=group)
+        # (a chunk that completes the holdout needs no forms: its mean is then exact)
+        mask = torch.tensor([e in forms and t_next < rest for e in active]
+                            + [False] * (len(rows) - len(active)))
+        part = HT.holdout_statistics(torch.stack(rows), group_size=group, gauss_newton=mask)
         for j, e in enumerate(active):
             if e in accs:
                 accs[e].merge(part.row(j))
             else:
                 accs[e] = part.row(j)
-            ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N)
+            cv = population.get(e) if bool(accs[e].has_forms[0]) else None
+            ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N,
+                                       population_form=cv)
         if t == 0:
             for j, e in enumerate(guards, start=len(active)):
                 g = holdout_estimate(part.row(j), 0, found[e].guard.theta, found[e].guard.residual, m, N)
                 if guard_overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
                     ctx.overturned.add(e)
-        t = t_next
+        first, t = t == 0, t_next
         if t >= rest:
             return ests
+        if first:
+            # decide, once, whether the control variate pays (forms are kept only if so).  The
+            # first chunk both informs the choice and enters the estimate: a mild adaptivity,
+            # like the holdout's own growth, that the variate's unbiasedness does not rest on
+            for e in sorted(forms):
+                if _control_variate_pays(ctx, e, found[e], accs[e], ests[e], m, t, spend_all, done):
+                    # the forms' exact mean outside S: the chunk's sum and a pass over the rest
+                    HR = H.subset(perm[m + t:])
+                    ctx.book(HR.cost, "certify")
+                    after = float(HR.gauss_newton_forms(vectors[e][None])[0])
+                    population[e] = (float(accs[e].C0[0]) + (rest - t) * after) / rest
+                    ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N,
+                                               population_form=population[e])
+            forms = set(population)
         wants, two_sided = {}, set()
         for e in active:
             est = ests[e]
@@ -423,8 +476,57 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         t_new = min(rest, max(2 * t, int(POLICY.chunk_margin * max(wants[e] for e in active))))
         if t_new > POLICY.all_rest * rest:
             t_new = rest
-        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / len(active))
+        per_sample = len(active) + _FORM * len([e for e in active if e in forms])
+        affordable = t + int(max(0.0, ctx.max_hvps - ctx.spent()) * N / per_sample)
         t_new = min(t_new, affordable)
         if t_new <= t + 1:
             return ests
         t_next = t_new
+
+
+def _control_variate_pays(ctx: _Context, end: str, pair: EndPair, acc, est, m: int, t: int,
+                          spend_all: bool, done: dict) -> bool:
+    """Whether the Gauss-Newton control variate makes ``end``'s holdout cheaper.
+
+    After the first chunk ``t`` of the holdout (whose groups carry their Gauss-Newton
+    forms ``v^T G_g v``), compare what is left to pay, with the growth rule of
+    :func:`_certify` (at least doubling, straight to all ``N - m`` samples outside
+    ``S`` past ``all_rest`` of them; on the last level the budget allows, straight to
+    all unless the interval is within tolerance): without the variate, the holdout
+    products up to the size the spread of ``q = v^T H_d v`` asks; with it, one
+    forward-mode pass over the ``N - m - t`` samples outside ``S`` and the chunk (the
+    forms' exact mean), then holdout products with their forms up to the size the
+    spread of ``q - c`` asks (a chunk that completes the holdout needs no forms).  The
+    variate is taken when it is the cheaper by the cost record's count and all of it
+    fits the budget; an end already within tolerance, or one whose subsample alone
+    keeps it from the tolerance, needs no larger holdout and takes nothing.
+    """
+    N = ctx.H.num_samples
+    rest = N - m
+    if not bool(acc.has_forms[0]) or acc.groups < 2:
+        return False
+    interval, _, _ = _level_interval(ctx, end, pair, est, m)
+    target = _target(ctx, end, est.value, {end: pair}, done)
+    if (interval[1] - interval[0]) / 2 <= target:
+        return False
+    room = sampling_room(*_excesses(ctx, end, pair, est, m), target)
+    if room < POLICY.min_room * target and not spend_all:
+        return False
+    cv = holdout_estimate(acc, 0, pair.theta, pair.residual, m, N, population_form=0.0)
+
+    def size(e) -> int:  # the holdout the loop would grow to
+        want = holdout_size_for(e, ctx.z, POLICY.room_use * room, m, N) if room > 0 else rest
+        if want <= t:
+            return t
+        if spend_all:
+            return rest
+        grown = min(rest, max(2 * t, int(POLICY.chunk_margin * want)))
+        return rest if grown > POLICY.all_rest * rest else grown
+
+    def products(s: int, forms: bool) -> float:  # holdout products from t to s
+        return (s - t) * (1 + (_FORM if forms and s < rest else 0.0))
+
+    plain = products(size(est), False)
+    with_cv = _FORM * (rest - t) + products(size(cv), True)
+    affordable = (ctx.max_hvps - ctx.spent()) * N >= with_cv
+    return with_cv < plain and affordable

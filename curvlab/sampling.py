@@ -15,6 +15,12 @@ correction for drawing ``|T|`` of ``N - m`` without replacement, is
 
     se = (N - m) / N * std_T(q) / sqrt(|T|) * sqrt(1 - |T| / (N - m)).
 
+With a control variate ``c_d`` whose mean over the samples outside ``S`` is known
+exactly (the Gauss-Newton part ``v^T G_d v`` of the quadratic form: one forward-mode
+pass), ``mean_{d not in S} q_d = mean_{d not in S} c_d + mean_T (q - c)``, unbiased
+for any ``c``, with ``std_T(q - c)`` in place of ``std_T(q)`` in ``se``
+(:func:`holdout_estimate`).
+
 Courant-Fischer: ``lambda_min <= r(v) <= lambda_max`` for every unit ``v``.
 """
 
@@ -129,6 +135,15 @@ class HoldoutAccumulator:
     ``W2 = sum n_g^2``, ``groups``; ``P1 = sum n_g H_g V`` and ``P2 = sum n_g^2 H_g V``
     ``(k, n)``; ``S2 = sum n_g^2 ||H_g v_j||^2``, ``Q1 = sum n_g^2 q_gj``,
     ``Q2 = sum n_g^2 q_gj^2`` ``(k,)`` in float64.
+
+    Control variate (optional, per row): with the groups' Gauss-Newton quadratic forms
+    ``c_gj = v_j^T G_g v_j`` also given (:meth:`add` ``forms=``), ``C0 = sum n_g c_gj``,
+    ``C1 = sum n_g^2 c_gj``, ``C2 = sum n_g^2 c_gj^2`` and ``QC = sum n_g^2 q_gj c_gj``;
+    ``has_forms`` ``(k,)`` says for which rows *every* group had its form.  Then
+    ``mean_T(q - c)`` and its spread (:meth:`cv_means`, :meth:`cv_var_of_mean`) give the
+    Rayleigh quotient as ``mean_pop(c) + mean_T(q - c)``: unbiased for any ``c`` whose
+    population mean is known exactly, and of low variance where ``c`` follows ``q``
+    (at the top of the spectrum, where the Gauss-Newton part carries the curvature).
     """
 
     def __init__(self, V: Tensor):
@@ -140,9 +155,17 @@ class HoldoutAccumulator:
         self.P2 = torch.zeros_like(V)
         f64 = dict(dtype=torch.float64, device=V.device)
         self.S2, self.Q1, self.Q2 = (torch.zeros(k, **f64) for _ in range(3))
+        self.C0, self.C1, self.C2, self.QC = (torch.zeros(k, **f64) for _ in range(4))
+        self.has_forms = torch.ones(k, dtype=torch.bool, device=V.device)
 
-    def add(self, products: Tensor, size: int) -> None:
-        """One group of ``size`` samples with mean products ``products`` ``(k, n)``."""
+    _SUMS = ("P1", "P2", "S2", "Q1", "Q2", "C0", "C1", "C2", "QC")
+
+    def add(self, products: Tensor, size: int, forms: Tensor | None = None) -> None:
+        """One group of ``size`` samples with mean products ``products`` ``(k, n)``.
+
+        ``forms``: the group's mean Gauss-Newton quadratic forms ``(k,)`` (``nan`` for a
+        row without one), or ``None`` (no row has one).
+        """
         w = float(size)
         q = (products * self.V).sum(1).double()
         self.W1 += w
@@ -153,12 +176,22 @@ class HoldoutAccumulator:
         self.S2 += w * w * products.double().pow(2).sum(1)
         self.Q1 += w * w * q
         self.Q2 += w * w * q * q
+        if forms is None:
+            self.has_forms.zero_()
+            return
+        c = forms.to(q.device, torch.float64)
+        self.has_forms &= ~c.isnan()
+        c = c.nan_to_num(0.0)
+        self.C0 += w * c
+        self.C1 += w * w * c
+        self.C2 += w * w * c * c
+        self.QC += w * w * q * c
 
     def row(self, j: int) -> "HoldoutAccumulator":
         """The statistics of vector ``j`` alone (a new accumulator with ``k = 1``)."""
         out = HoldoutAccumulator(self.V[j:j + 1])
         out.W1, out.W2, out.groups = self.W1, self.W2, self.groups
-        for name in ("P1", "P2", "S2", "Q1", "Q2"):
+        for name in self._SUMS + ("has_forms",):
             setattr(out, name, getattr(self, name)[j:j + 1].clone())
         return out
 
@@ -167,11 +200,9 @@ class HoldoutAccumulator:
         self.W1 += other.W1
         self.W2 += other.W2
         self.groups += other.groups
-        self.P1 += other.P1
-        self.P2 += other.P2
-        self.S2 += other.S2
-        self.Q1 += other.Q1
-        self.Q2 += other.Q2
+        for name in self._SUMS:
+            getattr(self, name).add_(getattr(other, name))
+        self.has_forms &= other.has_forms
 
     def _var_factor(self) -> float:
         if self.groups < 2:
@@ -186,6 +217,17 @@ class HoldoutAccumulator:
         """``(k,)`` estimated variance of :meth:`means` (with-replacement form, no correction)."""
         qbar = self.means()
         ss = self.Q2 - 2 * qbar * self.Q1 + qbar ** 2 * self.W2
+        return ss.clamp_min(0) * self._var_factor()
+
+    def cv_means(self) -> Tensor:
+        """``(k,)`` holdout means of ``q - c`` (quadratic form minus its Gauss-Newton part);
+        meaningful for the rows of :attr:`has_forms`."""
+        return self.means() - self.C0 / self.W1
+
+    def cv_var_of_mean(self) -> Tensor:
+        """``(k,)`` estimated variance of :meth:`cv_means` (as :meth:`var_of_mean`)."""
+        dbar = self.cv_means()
+        ss = (self.Q2 - 2 * self.QC + self.C2) - 2 * dbar * (self.Q1 - self.C1) + dbar ** 2 * self.W2
         return ss.clamp_min(0) * self._var_factor()
 
     def residual_sq(self, noise: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -218,9 +260,12 @@ class HoldoutEstimate:
     ``value``: ``v^T H v`` estimate (unbiased); ``se`` its standard error;
     ``std``: per-sample standard deviation of ``v^T H_d v`` (for sizing);
     ``residual``: estimate of ``||(I - v v^T) H v||`` (see :func:`holdout_estimate`);
-    ``se`` and ``std`` are infinite when the holdout is a single group (no spread
-    can be estimated) unless it is everything outside ``S`` (then ``se = 0``);
-    ``holdout``: holdout samples used.
+    ``se``, ``std`` and ``holdout_std`` are infinite when the holdout is a single group
+    (no spread can be estimated) unless it is everything outside ``S`` (then ``se = 0``);
+    ``holdout``: holdout samples used;
+    ``holdout_std``: per-sample standard deviation of what the holdout averages (``std``
+    itself, or that of ``v^T (H_d - G_d) v`` with the Gauss-Newton control variate),
+    for sizing the holdout; ``control_variate``: whether the estimate used it.
     """
 
     value: float
@@ -228,16 +273,29 @@ class HoldoutEstimate:
     std: float
     residual: float
     holdout: int
+    holdout_std: float = math.nan
+    control_variate: bool = False
+
+    def __post_init__(self):
+        if math.isnan(self.holdout_std):
+            object.__setattr__(self, "holdout_std", self.std)
 
 
 def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
-                     residual_subsample: float, m: int, N: int) -> HoldoutEstimate:
+                     residual_subsample: float, m: int, N: int,
+                     population_form: float | None = None) -> HoldoutEstimate:
     """Combine subsample ``S`` (``m`` samples) and holdout ``T`` into full-data estimates.
 
     ``v^T H v = (m theta_S + (N - m) mean_{rest} q) / N`` with the holdout mean for the
     rest (sample splitting: ``T`` is independent of the choice of ``v``).  The
     standard error has the finite-population correction ``1 - t / (N - m)``, so it
     is zero when the holdout is everything outside ``S``.
+
+    With ``population_form``, the exact mean of the Gauss-Newton form ``v^T G_d v``
+    over all samples outside ``S``, and the groups' forms in ``acc`` (row ``j`` of
+    :attr:`HoldoutAccumulator.has_forms`), the rest's mean is
+    ``population_form + mean_T(q - c)``: a control variate with coefficient one, so
+    unbiased whatever the forms are, its standard error that of ``q - c``.
 
     Residual: ``(I - v v^T) H v = (m/N) r_S + ((N-m)/N) (I - v v^T) H_rest v``, where
     ``r_S`` is the solver's residual on ``S`` (``v`` is a Ritz vector of ``H_S``); by the
@@ -250,11 +308,17 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
     if t > rest:
         raise ValueError(f"holdout of {t} samples cannot be disjoint from a subsample of {m} of {N}")
     fpc = max(0.0, 1 - t / rest) if rest > 0 else 0.0
+    cv = population_form is not None
+    if cv and not bool(acc.has_forms[j]):
+        raise ValueError("population_form given, but not every holdout group has its Gauss-Newton form")
     mean = float(acc.means()[j])
     if acc.groups < 2:  # no spread can be estimated from one group
-        var, noise_j = math.inf, math.inf
+        var, noise_j, var_h = math.inf, math.inf, math.inf
     else:
         var, noise_j = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
+        var_h = float(acc.cv_var_of_mean()[j]) if cv else var
+    if cv:
+        mean = float(population_form) + float(acc.cv_means()[j])
     raw = float(acc.residual_sq(noise=False)[0][j])
     perp_sq = max(0.0, raw - fpc * noise_j) if math.isfinite(noise_j) else raw
     # a holdout that is everything outside S makes the Rayleigh quotient exact (se = 0), but
@@ -262,19 +326,21 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
     # (how far u^T H_S u may sit from u^T H u) does not vanish with the holdout's error
     return HoldoutEstimate(
         value=(m * theta_subsample + rest * mean) / N,
-        se=rest / N * math.sqrt(var * fpc) if fpc > 0 else 0.0,
+        se=rest / N * math.sqrt(var_h * fpc) if fpc > 0 else 0.0,
         std=math.sqrt(var * t),
         residual=m / N * residual_subsample + rest / N * math.sqrt(perp_sq),
-        holdout=t)
+        holdout=t, holdout_std=math.sqrt(var_h * t), control_variate=cv)
 
 
 def holdout_size_for(estimate: HoldoutEstimate, z: float, target: float, m: int, N: int) -> int:
-    """Holdout size at which ``z * se`` reaches ``target`` (at most ``N - m``)."""
+    """Holdout size at which ``z * se`` reaches ``target`` (at most ``N - m``), from the
+    spread of what the holdout averages (:attr:`HoldoutEstimate.holdout_std`)."""
     rest = N - m
-    if target <= 0 or estimate.std == 0:
+    std = getattr(estimate, "holdout_std", estimate.std)
+    if target <= 0 or std == 0:
         return rest if target <= 0 else estimate.holdout
     # z (rest/N) std sqrt(1/t - 1/rest) <= target
-    inv = (target * N / (z * rest * estimate.std)) ** 2 + 1 / rest
+    inv = (target * N / (z * rest * std)) ** 2 + 1 / rest
     return int(min(rest, math.ceil(1 / inv)))
 
 

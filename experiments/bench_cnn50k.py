@@ -25,7 +25,10 @@ Lanczos run (``experiments/bench_correctness.py`` caches them as ``ref_c50k-e{E}
 ``--cache``; those are read automatically).
 
 Epochs: full-data HVPs times the FLOPs of an HVP over those of a gradient, per sample
-(``torch.utils.flop_counter``, batch of 128).
+(``torch.utils.flop_counter``, batch of 128), plus the gradient-equivalent work (the
+Gauss-Newton forms of the holdout's control variate: one forward-mode pass each, counted as
+one gradient; ``CostRecord.gradients``).  ``phases`` are full-data HVPs times that ratio, so
+they count a form at 1.5 gradients (their sum can exceed ``epochs`` by that much).
 
 Run (1 thread)::
 
@@ -69,7 +72,9 @@ def hvp_over_gradient(model, X, Y) -> float:
 
 
 def row(label, r, ratio, ref) -> dict:
-    out = dict(call=label, hvps=r.cost.hvps, epochs=r.cost.hvps * ratio, seconds=r.cost.seconds,
+    grads = getattr(r.cost, "gradients", 0.0)  # forward-mode forms etc., inside hvps at half weight
+    out = dict(call=label, hvps=r.cost.hvps, gradients=grads,
+               epochs=(r.cost.hvps - grads / 2) * ratio + grads, seconds=r.cost.seconds,
                phases={k: v * ratio for k, v in r.cost.phases.items()},
                sample_size=getattr(r, "sample_size", None),
                levels=[dict(sample_size=lv["sample_size"],

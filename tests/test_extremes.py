@@ -119,13 +119,25 @@ def spy_products(monkeypatch):
     call, independently of the operator's own ``Cost`` bookkeeping."""
     from curvlab.hvp import HessianOperator
 
-    calls = []
+    calls = _Calls()
+    calls.forms = 0  # per-sample Gauss-Newton forms (forward-mode passes), observed likewise
     for name in ("matvec", "holdout_statistics"):
         def wrapped(self, V, *args, _orig=getattr(HessianOperator, name), **kwargs):
             calls.append((1 if V.dim() == 1 else V.shape[0], self.num_samples))
+            mask = kwargs.get("gauss_newton")
+            calls.forms += 0 if mask is None else int(mask.sum()) * self.num_samples
             return _orig(self, V, *args, **kwargs)
         monkeypatch.setattr(HessianOperator, name, wrapped)
+
+    def forms(self, V, _orig=HessianOperator.gauss_newton_forms):
+        calls.forms += V.shape[0] * self.num_samples
+        return _orig(self, V)
+    monkeypatch.setattr(HessianOperator, "gauss_newton_forms", forms)
     return calls
+
+
+class _Calls(list):
+    pass
 
 
 def _classifier(N, seed=0):
@@ -158,7 +170,9 @@ def test_cost_record_counts_the_products_made(monkeypatch, regime, curvature):
                              sample_size=100, tol=0.05, tol_min=0.2, batch_size=300)
         assert r.levels and any(m < N for _, m in calls)
     assert len(built) == (curvature != "none")
-    extra = sum(c.grad_samples for c in built) / 2
+    # building an approximation and the holdout's Gauss-Newton forms: gradient work, half
+    # of it counted as samples
+    extra = (sum(c.grad_samples for c in built) + calls.forms) / 2
     if curvature != "none":
         assert extra > 0 and max(k for k, _ in calls) > 1
     assert r.options["sampling"] == regime and r.num_samples == N and calls

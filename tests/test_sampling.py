@@ -1,5 +1,6 @@
 """Statistical pieces of the subsampled solver, on synthetic problems with known truth."""
 
+import dataclasses
 import math
 
 import pytest
@@ -226,11 +227,43 @@ def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     check_end(r2, "min", lmin, 0.05, slack)
 
 
-def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem):
+def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_holdout(mlp_problem):
+    # the same call with the control variate (the default): at the level of 800 the first
+    # holdout chunk (800, with its Gauss-Newton forms) says that v^T (H_d - G_d) v spreads
+    # far less than v^T H_d v, so one forward-mode pass over the 2,200 samples outside S
+    # (the forms' exact mean) replaces the products on 1,400 more holdout samples; the
+    # interval still holds the dense truth
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                         tol=0.05, tol_min=0.05, batch_size=500)
+    top = r.levels[-1]
+    assert top["ends"]["max"]["control_variate"] and not top["ends"]["min"]["control_variate"]
+    assert top["ends"]["max"]["holdout"] == 800 < r.num_samples - top["sample_size"]
+    assert r.converged_max
+    check_end(r, "max", lmax, 0.05, slack)
+    # the estimate is (m theta_S + (N - m) (mean_rest c + mean_T (q - c))) / N, recomputed here
+    # from the call's permutation (seed 0 + 1), its subsample and holdout, with separate passes
+    from curvlab.hvp import HessianOperator
+    H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=500)
+    N, m, t = r.num_samples, top["sample_size"], 800
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    v = r.vector_max.to(torch.float64)
+    v = v / v.norm()
+    rest, T = H.subset(perm[m:]), H.subset(perm[m:m + t])
+    q_T = float(T.matvec(v) @ v)
+    c_rest, c_T = float(rest.gauss_newton_forms(v[None])[0]), float(T.gauss_newton_forms(v[None])[0])
+    want = (m * top["ends"]["max"]["theta_subsample"] + (N - m) * (c_rest + q_T - c_T)) / N
+    assert top["ends"]["max"]["rayleigh_holdout"] == pytest.approx(want, rel=1e-9)
+
+
+def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem, monkeypatch):
     # seed 0: lambda_max is accepted at the level of 800 whose holdout is all the 2,200
     # other samples (the Rayleigh quotient of its vector is then exact, se = 0); the
     # subsample bound must keep its sampling spread (before the fix std was 0 too and the
-    # interval collapsed to (0.74692, 0.74692), excluding the dense 0.76402)
+    # interval collapsed to (0.74692, 0.74692), excluding the dense 0.76402).  Without the
+    # Gauss-Newton control variate, which would stop that holdout at 800
+    from curvlab import multilevel
+    monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, control_variate=False))
     model, X, Y, lmin, lmax, slack = mlp_problem
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
                          tol=0.05, tol_min=0.05, batch_size=500)
