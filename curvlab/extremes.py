@@ -297,7 +297,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             Lanczos run for ``lambda_max`` (the Hessian's outliers lie close to
             the GGN's), and ``(C + delta I)^{-1}`` preconditions a LOBPCG run for
             ``lambda_min``.  The answer is always the exact Hessian's; only the
-            cost changes.
+            cost changes, and as measured so far it rises: on a CIFAR ResNet-8
+            every flag cost 1.4-3.7x ``"none"`` with its build counted (BENCHMARKS.md,
+            issue-14 section: Lanczos finds the isolated top in 6-7 products from a
+            random start, and the preconditioned bottom stage costs more than the
+            shared Krylov space).  Keep ``"none"`` unless your own measurement says
+            otherwise.
         approx_samples: samples the approximation is built from.
         approx_rank: eigenvectors of the approximation used.
         progress: show a progress bar (tqdm) of the products spent.

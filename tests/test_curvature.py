@@ -152,12 +152,14 @@ def patches_by_loops(x, conv):
     return torch.stack(rows, 1)
 
 
-def kfac_reference(model, loss_fn, X, Y):
+def kfac_reference(model, loss_fn, X, Y, conv="reduce"):
     """Dense K-FAC matrix of a Sequential model from the definition (module docstring of
     curvlab.curvature.kfac): per layer ``A = mean_{d,t} a a^T``, ``G = mean_d sum_t
     J_dt^T H_d J_dt`` (``J_dt``: Jacobian of the output w.r.t. the layer's output at
-    location t), block ``kron(G, A)`` in [W | b] row-major order; the GGN diagonal for
-    every other parameter.  Returns ``(dense, {layer index: (A, G)})``."""
+    location t) for ``conv="expand"``; for a convolution with ``conv="reduce"``,
+    ``A = mean_d abar abar^T`` with ``abar = mean_t a_dt`` and ``G = mean_d (sum_t J_dt)^T
+    H_d (sum_t J_dt)``; block ``kron(G, A)`` in [W | b] row-major order; the GGN diagonal
+    for every other parameter.  Returns ``(dense, {layer index: (A, G)})``."""
     out_fn, flat0, offsets = _flat_model(model)
     n = flat0.numel()
     N = X.shape[0]
@@ -179,6 +181,8 @@ def kfac_reference(model, loss_fn, X, Y):
                 Js = Js[..., None]
             if layer.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+            if isinstance(layer, nn.Conv2d) and conv == "reduce":
+                a, Js = a.mean(1, keepdim=True), Js.sum(-1, keepdim=True)
             T = a.shape[1]
             A = torch.einsum("dti,dtj->ij", a, a) / (N * T)
             G = torch.einsum("dcot,dce,dept->op", Js, Hd, Js) / N
@@ -318,13 +322,39 @@ def test_kfac_linear_matches_definition(loss_fn):
         assert rel(A_k, A) < RTOL and rel(G_k, G) < RTOL
 
 
+@pytest.mark.parametrize("conv", ["reduce", "expand"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS))
-def test_kfac_conv_matches_definition(config):
+def test_kfac_conv_matches_definition(config, conv):
     model = cnn(**CONV_CONFIGS[config])
     X, Y = data(11, (2, 6, 6))
-    K = KFAC(FunctionalModel(model), F.cross_entropy, batches(X, Y))
-    ref, _ = kfac_reference(model, F.cross_entropy, X, Y)
+    K = KFAC(FunctionalModel(model), F.cross_entropy, batches(X, Y), conv=conv)
+    ref, _ = kfac_reference(model, F.cross_entropy, X, Y, conv=conv)
     assert rel(dense_of(K), ref) < RTOL
+    other, _ = kfac_reference(model, F.cross_entropy, X, Y, conv={"reduce": "expand", "expand": "reduce"}[conv])
+    assert rel(dense_of(K), other) > 100 * RTOL  # the two factorisations differ here
+
+
+def test_kfac_reduce_is_the_exact_conv_block_when_patches_do_not_vary():
+    # one sample whose input is constant over space, no padding: every output location sees
+    # the same patch a, so the block's per-sample Jacobian sum_t g_t a^T = (sum_t g_t) a^T is
+    # what "reduce" factors, exactly; "expand" drops the correlation of g_t across locations
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double().eval()
+    X = torch.randn(1, 2, 1, 1, dtype=D).expand(1, 2, 6, 6).contiguous()
+    Y = torch.tensor([1])
+    Gd = dense_ggn(model, F.cross_entropy, X, Y)
+    for conv, exact in (("reduce", True), ("expand", False)):
+        K = KFAC(FunctionalModel(model), F.cross_entropy, (X, Y), conv=conv)
+        idx = K.blocks[0].index.reshape(-1)
+        block = (idx[:, None], idx[None, :])
+        assert (rel(dense_of(K)[block], Gd[block]) < RTOL) == exact, conv
+
+
+def test_kfac_conv_option_is_checked():
+    model = cnn()
+    X, Y = data(4, (2, 6, 6))
+    with pytest.raises(ValueError, match="conv must be one of"):
+        KFAC(FunctionalModel(model), F.cross_entropy, batches(X, Y), conv="sum")
 
 
 def grouped_cnn(seed=0):

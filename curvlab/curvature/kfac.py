@@ -16,15 +16,20 @@ of means,
 
     C_M = A (x) G,    A = (1/(m T)) sum_{d,t} a_dt a_dt^T,    G = (1/m) sum_{d,t,j} g_dtj g_dtj^T,
 
-which is exact for one sample.  ``t`` runs over the ``T`` positions where the
-weight is shared: the ``T = H' W'`` output locations of a convolution (KFC,
-Grosse & Martens 2016, "expand" in Eschenhagen et al. 2023: each location's
-patch is an input ``a_dt`` and its output gradient ``g_dtj``), the extra leading
-dims of a Linear's input (sequences), or repeated calls of one module; ``T = 1``
-for a plain Linear.  So ``A`` is the mean over samples *and* locations of the
-patch second moment and ``G`` the mean over samples of the *sum* over locations
-of the output-gradient second moment; their product carries the factor
-``1/(m^2 T)`` that the KFC derivation gives.  The flat parameter vector holds
+which is exact for one sample (of a Linear).  ``t`` runs over the ``T`` positions
+where the weight is shared: the extra leading dims of a Linear's input (sequences),
+or repeated calls of one module, or, with ``conv="expand"``, the ``T = H' W'``
+output locations of a convolution (KFC, Grosse & Martens 2016, "expand" in
+Eschenhagen et al. 2023: each location's patch is an input ``a_dt`` and its output
+gradient ``g_dtj``); ``T = 1`` for a plain Linear.  A convolution's default is
+``conv="reduce"`` (Eschenhagen et al. 2023): one row per sample, its mean patch
+``(1/T) sum_t a_dt`` and its summed output gradient ``sum_t g_dtj``, which keeps the
+correlation of a sample's output gradients across locations (``"expand"`` drops it,
+and with it most of the curvature along the Hessian's top eigenvector inside a
+convolution block: :class:`KFAC`'s ``conv``).  With ``T`` positions, ``A`` is the mean
+over samples *and* positions of the input second moment and ``G`` the mean over
+samples of the *sum* over positions of the output-gradient second moment; their
+product carries the factor ``1/(m^2 T)`` that the KFC derivation gives.  The flat parameter vector holds
 ``W`` row-major, so with ``V_M`` the ``out x (in + 1)`` matrix of a vector's entries
 for this block, ``C_M v = vec(G V_M A)``.
 
@@ -76,9 +81,10 @@ from .base import CurvatureApprox, Timer, absorb, approximation_loop, output_hes
 from .probes import LeafGradients, ProbeRecord, discover_probes, probe_columns, probed_forward
 from .diag import DIAG_METHODS, ggn_diagonal
 
-__all__ = ["KFAC", "KFACBlock", "FISHER_TYPES", "SUPPORTED_LAYERS"]
+__all__ = ["KFAC", "KFACBlock", "FISHER_TYPES", "CONV_FACTORS", "SUPPORTED_LAYERS"]
 
 FISHER_TYPES = ("exact", "mc")
+CONV_FACTORS = ("reduce", "expand")
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
@@ -132,6 +138,17 @@ class KFAC(CurvatureApprox):
         diag_method, probes: how the diagonal entries of parameters outside leaf
             modules are computed (see :mod:`curvlab.curvature.diag`; leaf modules'
             parameters always get the exact diagonal, at no extra pass).
+        conv: how a convolution's weight sharing over its ``T`` output locations is
+            factored (Eschenhagen et al. 2023).  ``"reduce"`` (default): per sample,
+            the mean patch ``a_d = (1/T) sum_t a_dt`` and the summed output gradient
+            ``g_dj = sum_t g_dtj``, so ``A = (1/m) sum_d a_d a_d^T`` and ``G = (1/m)
+            sum_{d,j} g_dj g_dj^T``: exact for directions along which the patches do
+            not vary over locations, and it keeps the correlation of a sample's
+            output gradients across locations.  ``"expand"``: every location a sample
+            of its own (the module docstring), which drops that correlation: on a
+            CIFAR ResNet-8 it put the Hessian's top eigenvector's curvature inside the
+            convolution blocks 9-26x (about ``T``) below the exact block's
+            (``experiments/bench_kfac_blocks.py``, BENCHMARKS.md issue-14 section).
 
     Attributes:
         blocks: the :class:`KFACBlock` objects, in module order.
@@ -158,7 +175,7 @@ class KFAC(CurvatureApprox):
     def __init__(self, fmodel: FunctionalModel, loss_fn: Callable, batches, *,
                  max_samples: int | None = None, seed: int = 0, cost: Cost | None = None,
                  fisher: str = "exact", mc_samples: int = 1, diag_method: str = "auto",
-                 probes: int = 100):
+                 probes: int = 100, conv: str = "reduce"):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if fisher not in FISHER_TYPES:
@@ -167,6 +184,9 @@ class KFAC(CurvatureApprox):
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         if diag_method not in DIAG_METHODS:
             raise ValueError(f"diag_method must be one of {DIAG_METHODS}, got {diag_method!r}")
+        if conv not in CONV_FACTORS:
+            raise ValueError(f"conv must be one of {CONV_FACTORS}, got {conv!r}")
+        self.conv = conv
         self.fmodel = fmodel
         self.loss_fn = loss_fn
         self.fisher = fisher
@@ -312,9 +332,11 @@ class KFAC(CurvatureApprox):
                     for rec, blocky, g in zip(records, is_block, grads):
                         if blocky and g is not None:
                             w = self._layer_of[rec.module]
-                            g = rearrange(g, "b o h w -> (b h w) o") if g.dim() == 4 and \
-                                isinstance(self._block_modules[rec.module], nn.Conv2d) \
-                                else g.reshape(-1, g.shape[-1])
+                            if g.dim() == 4 and isinstance(self._block_modules[rec.module], nn.Conv2d):
+                                g = (g.sum((2, 3)) if self.conv == "reduce"
+                                     else rearrange(g, "b o h w -> (b h w) o"))
+                            else:
+                                g = g.reshape(-1, g.shape[-1])
                             G_sum[w].add_(g.T @ g)
                     for k, v in self._leaf.square_sums(records, grads).items():
                         self._diag_sum[k].add_(v)
@@ -341,7 +363,10 @@ class KFAC(CurvatureApprox):
             if a.dim() != 4:
                 raise ValueError(f"Conv2d {rec.module!r} got an input of shape {tuple(a.shape)}: "
                                  "K-FAC needs batched (b, c, h, w) inputs")
+            b = a.shape[0]
             a = _conv_patches(mod, a)
+            if self.conv == "reduce":  # one row per sample: its mean patch
+                a = a.reshape(b, -1, a.shape[-1]).mean(1)
         else:
             a = a.reshape(-1, a.shape[-1])
         if blk.bias is not None:
