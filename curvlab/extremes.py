@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .curvature import APPROXIMATIONS
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
-from .multilevel import POLICY, _multilevel, _warm_sizes
+from .multilevel import POLICY, _multilevel, _warm_sizes, _warm_split
 from .solve import _attach_approximation, _Context, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
@@ -274,7 +274,11 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         init: a previous :class:`ExtremesResult` (same architecture): its
             eigenvectors start the solver and, subsampled, the smallest of its
             ends' final sample sizes is the first one tried (when it needed all
-            data for a wanted end: its last subsample level).
+            data for a wanted end: its last subsample level).  When both ends
+            were certified on subsamples at least four times apart in size
+            (``lambda_max`` early, ``lambda_min`` late, as is usual), each end
+            starts at its own previous size: ``lambda_max``'s levels first, then
+            ``lambda_min``'s.
         sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
         sample_size: first subsample size (multilevel).
         confidence: level of the sampling intervals (multilevel).  The level
@@ -401,6 +405,15 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             if regime == "exact":
                 ends = _exact(ctx, H, v0)
                 levels, m_final, sizes = [], N, {e: N for e in ends}
+            elif (split := _warm_split(init, N, which, sample_size)) is not None:
+                # each end from its own previous size: lambda_max first (lambda_min's floor)
+                ends, levels, m_final, sizes = {}, [], 0, {}
+                for end in ("max", "min"):
+                    found, lv, m_end, sz = _multilevel(ctx, v0, split[end], ends=[end], known=ends)
+                    ends.update(found)
+                    levels += lv
+                    sizes.update(sz)
+                    m_final = max(m_final, m_end)
             else:
                 ends, levels, m_final, sizes = _multilevel(ctx, v0, m0)
         finally:

@@ -94,8 +94,12 @@ POLICY = MultilevelPolicy()
 DEFAULT_SAMPLE = POLICY.first_size
 
 
-def _multilevel(ctx: _Context, v0, m: int):
+def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known: dict | None = None):
     """Search on a subsample, certify on a holdout; grow the subsample only when needed.
+
+    ``ends``: the ends to find (default: those of ``ctx.which``); ``known``: ends
+    already found (``{end: entry}``; ``lambda_max``'s value sets ``lambda_min``'s
+    floor), returned with the others.
 
     At a level with subsample ``S`` (the first ``m`` samples of a random
     permutation):
@@ -138,8 +142,8 @@ def _multilevel(ctx: _Context, v0, m: int):
     """
     H, N = ctx.H, ctx.H.num_samples
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
-    todo = _ends_of(ctx.which)
-    done: dict = {}
+    todo = list(ends) if ends is not None else _ends_of(ctx.which)
+    done: dict = dict(known or {})
     last: dict = {}
     sizes: dict = {}
     levels: List[dict] = []
@@ -257,6 +261,25 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     if all(2 * s <= N for s in sizes.values()):
         return max(2, min(sizes.values()))
     return init.levels[-1]["sample_size"] if init.levels else DEFAULT_SAMPLE
+
+
+def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | None:
+    """Per-end first subsample sizes for a warm call, or ``None`` (one schedule for both).
+
+    When the previous call certified both ends on subsamples whose sizes are at least
+    ``max_growth`` apart (typically ``lambda_max`` at the first level and
+    ``lambda_min`` several levels later), this call searches each end from its own
+    size: ``lambda_max`` first, then ``lambda_min`` straight at its previous size,
+    rather than climbing the levels again from the smaller one.
+    """
+    if sample_size is not None or init is None or which != "both" or init.num_samples != N:
+        return None
+    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
+    if any(2 * s > N for s in sizes.values()):
+        return None
+    if max(sizes.values()) < POLICY.max_growth * min(sizes.values()):
+        return None
+    return {e: max(2, s) for e, s in sizes.items()}
 
 
 def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[float, float]:

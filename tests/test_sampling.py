@@ -256,6 +256,28 @@ def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_
     assert top["ends"]["max"]["rayleigh_holdout"] == pytest.approx(want, rel=1e-9)
 
 
+def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem):
+    # a previous call that certified lambda_max on 200 samples and lambda_min on 1,000 (at
+    # least max_growth apart, both within N/2): the warm call runs lambda_max's levels from
+    # 200 alone, then lambda_min's from 1,000 alone, and both intervals hold the dense truth
+    import dataclasses as dc
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
+    prev = dc.replace(r, sample_sizes={"max": 200, "min": 1000})
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, **kw)
+    ends = [(lv["sample_size"], set(lv["ends"])) for lv in r2.levels]
+    assert ends[0] == (200, {"max"}), ends
+    first_min = next(i for i, (_, e) in enumerate(ends) if "min" in e)
+    assert all(e == {"max"} for _, e in ends[:first_min]) and ends[first_min] == (1000, {"min"}), ends
+    assert all(e == {"min"} for _, e in ends[first_min:]), ends
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r2, end, truth, 0.05, slack)
+    # sizes closer than max_growth: one schedule for both ends, from the smaller
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(r, sample_sizes={"max": 400, "min": 800}), **kw)
+    assert r3.levels[0]["sample_size"] == 400 and set(r3.levels[0]["ends"]) == {"max", "min"}
+
+
 def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem, monkeypatch):
     # seed 0: lambda_max is accepted at the level of 800 whose holdout is all the 2,200
     # other samples (the Rayleigh quotient of its vector is then exact, se = 0); the
