@@ -302,7 +302,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             the GGN's), and ``(C + delta I)^{-1}`` preconditions a LOBPCG run for
             ``lambda_min``.  The answer is always the exact Hessian's; only the
             cost changes, and as measured so far it rises: on a CIFAR ResNet-8
-            every flag cost 1.4-3.7x ``"none"`` with its build counted (BENCHMARKS.md,
+            every flag cost 1.4-4.9x ``"none"`` with its build counted (BENCHMARKS.md,
             issue-14 section: Lanczos finds the isolated top in 6-7 products from a
             random start, and the preconditioned bottom stage costs more than the
             shared Krylov space).  Keep ``"none"`` unless your own measurement says
@@ -406,14 +406,18 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                 ends = _exact(ctx, H, v0)
                 levels, m_final, sizes = [], N, {e: N for e in ends}
             elif (split := _warm_split(init, N, which, sample_size)) is not None:
-                # each end from its own previous size: lambda_max first (lambda_min's floor)
-                ends, levels, m_final, sizes = {}, [], 0, {}
+                # each end from its own previous size: lambda_max first (lambda_min's floor),
+                # with at most half of the budget, so that lambda_min keeps the rest
+                ends, levels, sizes = {}, [], {}
+                budget = ctx.max_hvps
                 for end in ("max", "min"):
-                    found, lv, m_end, sz = _multilevel(ctx, v0, split[end], ends=[end], known=ends)
+                    ctx.max_hvps = ctx.spent() + (budget - ctx.spent()) / 2 if end == "max" else budget
+                    found, lv, _, sz = _multilevel(ctx, v0, split[end], ends=[end], known=ends)
                     ends.update(found)
                     levels += lv
                     sizes.update(sz)
-                    m_final = max(m_final, m_end)
+                ctx.max_hvps = budget
+                m_final = max(sizes.values()) if sizes else m0
             else:
                 ends, levels, m_final, sizes = _multilevel(ctx, v0, m0)
         finally:

@@ -266,13 +266,15 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
 def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | None:
     """Per-end first subsample sizes for a warm call, or ``None`` (one schedule for both).
 
-    When the previous call certified both ends on subsamples whose sizes are at least
-    ``max_growth`` apart (typically ``lambda_max`` at the first level and
+    When the previous call converged at both ends on subsamples whose sizes are at
+    least ``max_growth`` apart (typically ``lambda_max`` at the first level and
     ``lambda_min`` several levels later), this call searches each end from its own
     size: ``lambda_max`` first, then ``lambda_min`` straight at its previous size,
     rather than climbing the levels again from the smaller one.
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
+        return None
+    if not (init.converged_max and init.converged_min):
         return None
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
     if any(2 * s > N for s in sizes.values()):

@@ -264,7 +264,7 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem):
     model, X, Y, lmin, lmax, slack = mlp_problem
     kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
-    prev = dc.replace(r, sample_sizes={"max": 200, "min": 1000})
+    prev = dc.replace(r, sample_sizes={"max": 200, "min": 1000}, converged_max=True, converged_min=True)
     r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, **kw)
     ends = [(lv["sample_size"], set(lv["ends"])) for lv in r2.levels]
     assert ends[0] == (200, {"max"}), ends
@@ -273,9 +273,19 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem):
     assert all(e == {"min"} for _, e in ends[first_min:]), ends
     for end, truth in (("max", lmax), ("min", lmin)):
         check_end(r2, end, truth, 0.05, slack)
+    # under a tight budget lambda_max's levels leave lambda_min half of it: both ends come back
+    # with a value and an inner side (before the reserve, lambda_min could get nothing)
+    r4 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, max_hvps=3, **kw)
+    assert r4.cost.hvps <= 3 * (1 + 1e-9)
+    assert any("min" in lv["ends"] for lv in r4.levels)
+    assert math.isfinite(r4.lambda_min) and math.isfinite(r4.interval_min[1]) and r4.interval_min[1] >= lmin
+    assert r4.sample_size == max(r4.sample_sizes.values())
     # sizes closer than max_growth: one schedule for both ends, from the smaller
-    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(r, sample_sizes={"max": 400, "min": 800}), **kw)
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, sample_sizes={"max": 400, "min": 800}), **kw)
     assert r3.levels[0]["sample_size"] == 400 and set(r3.levels[0]["ends"]) == {"max", "min"}
+    # nor when the previous call did not converge at an end
+    r5 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, converged_min=False), **kw)
+    assert set(r5.levels[0]["ends"]) == {"max", "min"}
 
 
 def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem, monkeypatch):

@@ -142,12 +142,12 @@ class KFAC(CurvatureApprox):
             factored (Eschenhagen et al. 2023).  ``"reduce"`` (default): per sample,
             the mean patch ``a_d = (1/T) sum_t a_dt`` and the summed output gradient
             ``g_dj = sum_t g_dtj``, so ``A = (1/m) sum_d a_d a_d^T`` and ``G = (1/m)
-            sum_{d,j} g_dj g_dj^T``: exact for directions along which the patches do
+            sum_{d,j} g_dj g_dj^T``: the exact block for one sample whose patches do
             not vary over locations, and it keeps the correlation of a sample's
             output gradients across locations.  ``"expand"``: every location a sample
             of its own (the module docstring), which drops that correlation: on a
             CIFAR ResNet-8 it put the Hessian's top eigenvector's curvature inside the
-            convolution blocks 9-26x (about ``T``) below the exact block's
+            convolution blocks 9-31x below the exact block's, "reduce" 1.2-6x
             (``experiments/bench_kfac_blocks.py``, BENCHMARKS.md issue-14 section).
 
     Attributes:
@@ -356,7 +356,8 @@ class KFAC(CurvatureApprox):
             blk.G = G_sum[w] / m
 
     def _features(self, rec: ProbeRecord, blk: KFACBlock) -> Tensor:
-        """Rows ``a_dt`` (with a trailing 1 for the bias): one per sample and location."""
+        """Rows ``a_dt`` (with a trailing 1 for the bias): one per sample and location, or, for a
+        convolution with ``conv="reduce"``, one per sample (its mean patch)."""
         mod = self._block_modules[rec.module]
         a = rec.inputs
         if isinstance(mod, nn.Conv2d):
