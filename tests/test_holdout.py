@@ -509,3 +509,22 @@ def test_operator_gauss_newton_forms_match_the_ggn_and_the_hessian_of_a_linear_m
         acc = H.holdout_statistics(V, group_size=20, gauss_newton=torch.tensor([True, False, True]))
         assert acc.has_forms.tolist() == [True, False, True]
         torch.testing.assert_close((acc.means() - acc.cv_means())[[0, 2]], forms[[0, 2]])
+
+
+def test_holdout_goes_on_without_forms_where_forward_mode_fails(monkeypatch):
+    # an operation without a forward-mode rule: the products still run, the holdout warns,
+    # carries no forms (so no control variate) and books no form work
+    torch.manual_seed(0)
+    X, Y = torch.randn(60, 5, dtype=D), torch.randint(0, 3, (60,))
+    H = HessianOperator(nn.Linear(5, 3).double().eval(), F.cross_entropy, (X, Y), batch_size=20)
+    V = torch.randn(2, H.n, dtype=D)
+    plain = H.holdout_statistics(V, group_size=10)
+
+    def no_forward_mode(*args, **kwargs):
+        raise NotImplementedError("trying to use forward AD with an unsupported op")
+    monkeypatch.setattr(HessianOperator, "_batch_forms", no_forward_mode)
+    before = H.cost.grad_samples
+    with pytest.warns(RuntimeWarning, match="control variate"):
+        acc = H.holdout_statistics(V, group_size=10, gauss_newton=torch.tensor([True, False]))
+    assert not bool(acc.has_forms.any()) and H.cost.grad_samples == before
+    torch.testing.assert_close(acc.means(), plain.means())
