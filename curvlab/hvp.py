@@ -43,12 +43,12 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
 from .data import Batches, as_batches
 from .distributed import DataParallel
 from .functional import FunctionalModel
-from .loop import Cost, DataLoop, check_finite, check_finite_loss, check_scalar
+from .loop import Cost, DataLoop, check_finite, check_finite_loss, check_scalar, output_hessian
 
 __all__ = ["Cost", "HessianOperator", "METHODS"]
 
@@ -303,11 +303,7 @@ class HessianOperator(DataLoop):
         for j in range(V.shape[0]):
             out, Jv = jvp(f, (params,), (spec.unflatten(V[j]),))
             if hvp_out is None:
-                def batch_loss(o):
-                    loss = self.loss_fn(o, y)
-                    check_scalar(loss, index)
-                    return loss
-                _, hvp_out = vjp(grad(batch_loss), out.detach())
+                hvp_out = output_hessian(self.loss_fn, out, y, index)
             (HJv,) = hvp_out(Jv)
             out_forms[j] = (HJv * Jv).sum().double()
         return check_finite(out_forms, index, "Gauss-Newton quadratic form")

@@ -31,12 +31,13 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
+from torch.func import grad, vjp
 
 from .distributed import DataParallel
 from .functional import FunctionalModel, batch_size_of
 from .trees import _rows_or_none
 
-__all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches"]
+__all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches", "output_hessian"]
 
 
 @dataclass
@@ -258,6 +259,22 @@ def cast_batches(fmodel: FunctionalModel, batches, group_size: int | None = None
         for start in range(0, nb, group_size):
             xs, ys = x[start:start + group_size], y[start:start + group_size]
             yield index, xs, ys, batch_size_of(xs)
+
+
+def output_hessian(loss_fn: Callable, out: Tensor, y, index: int) -> Callable:
+    """``w -> ((d^2 L_b / d out^2) w,)``: the batch loss's Hessian in the outputs ``out``.
+
+    ``L_b(o) = loss_fn(o, y)`` (checked to be a scalar, errors naming batch ``index``),
+    differentiated by reverse-over-reverse on the loss alone (cheap: no network in it;
+    forward-over-reverse fails in torch 2.14 for ``F.mse_loss``: "ZeroTensors are
+    immutable").  The Gauss-Newton products and quadratic forms apply it to ``J v``.
+    """
+    def batch_loss(o):
+        loss = loss_fn(o, y)
+        check_scalar(loss, index)
+        return loss
+
+    return vjp(grad(batch_loss), out.detach())[1]
 
 
 # -- checks and error messages --------------------------------------------------------------

@@ -50,12 +50,8 @@ from curvlab.hvp import HessianOperator
 from experiments.bench_budget import Counter, growing_power
 from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
 from experiments.bench_curvature import make_data
-from experiments.bench_floors import floors, ggn_parts, proxies
+from experiments.bench_floors import floors, ggn_parts, log, proxies
 from experiments.cifar import find_cifar10
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 def hvp_over_gradient(model, X, Y) -> float:

@@ -17,7 +17,6 @@ Run (1 thread)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,16 +26,10 @@ import torch.nn.functional as F
 
 import curvlab
 import curvlab.curvature.kfac as kfac_module
-from experiments.bench_correctness import POOL, SMALL_TRAIN, small_checkpoint
-from experiments.bench_curvature import make_data
-from experiments.bench_floors import CASES
-from experiments.cifar import find_cifar10
+from experiments.bench_correctness import small_checkpoint
+from experiments.bench_floors import CASES, load_small_case, log, small_case_parser
 
 FLAGS = ("none", "diag", "ggn", "kfac", "kfac-expand")
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 def call(model, X, Y, flag: str, which: str) -> dict:
@@ -58,16 +51,10 @@ def call(model, X, Y, flag: str, which: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None)
-    p.add_argument("--cache", default="runs/cache")
+    p = small_case_parser(__doc__)
     p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    data = find_cifar10(args.data)
-    X, Y = make_data(data, SMALL_TRAIN, POOL)
+    cache, data, X, Y = load_small_case(args)
     X, Y = X[:args.samples], Y[:args.samples]
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(), cases={})
     for case, epochs in CASES.items():

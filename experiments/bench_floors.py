@@ -214,18 +214,31 @@ def floors(c: torch.Tensor, px: dict, g: torch.Tensor, gl: torch.Tensor) -> dict
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def small_case_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark on the 2,048-image case takes: ``--data``, ``--cache``, ``--json``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--data", default=None)
     p.add_argument("--cache", default="runs/cache")
-    p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
+    return p
+
+
+def load_small_case(args) -> tuple:
+    """``(cache, data, X, Y)``: the cache folder (made if missing), the CIFAR-10 folder and the
+    first 2,048 training images at 16x16 with their labels."""
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     data = find_cifar10(args.data)
     X, Y = make_data(data, SMALL_TRAIN, POOL)
+    return cache, data, X, Y
+
+
+def main(argv=None):
+    p = small_case_parser(__doc__)
+    p.add_argument("--cases", default=",".join(CASES))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    cache, data, X, Y = load_small_case(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
                   alpha=ALPHA, strata=STRATA, cases={})
     for name in args.cases.split(","):

@@ -28,7 +28,6 @@ Run (1 thread)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -41,14 +40,8 @@ from curvlab.curvature.kfac import CONV_FACTORS, KFAC
 from curvlab.functional import FunctionalModel
 from curvlab.hvp import HessianOperator
 from curvlab.lanczos import lanczos
-from experiments.bench_correctness import POOL, SMALL_TRAIN, small_checkpoint
-from experiments.bench_curvature import make_data
-from experiments.bench_floors import CASES, eigenvectors
-from experiments.cifar import find_cifar10
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
+from experiments.bench_correctness import small_checkpoint
+from experiments.bench_floors import CASES, eigenvectors, load_small_case, log, small_case_parser
 
 
 def blocks_of(K: KFAC) -> list:
@@ -103,15 +96,8 @@ def _block_top(K: KFAC, i: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None)
-    p.add_argument("--cache", default="runs/cache")
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    data = find_cifar10(args.data)
-    X, Y = make_data(data, SMALL_TRAIN, POOL)
+    args = small_case_parser(__doc__).parse_args(argv)
+    cache, data, X, Y = load_small_case(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(), cases={})
     for name, epochs in CASES.items():
         model, meta = small_checkpoint(cache, data, name, epochs)

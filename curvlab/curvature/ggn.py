@@ -28,12 +28,12 @@ from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from ..functional import FunctionalModel
 from ..hvp import Cost
 from ..lanczos import lanczos
-from ..loop import check_finite, check_scalar
+from ..loop import check_finite, check_scalar, output_hessian
 from .base import CurvatureApprox, Timer, approximation_loop
 
 __all__ = ["GGN", "GGN_METHODS"]
@@ -142,12 +142,7 @@ class GGN(CurvatureApprox):
             return jvp(f, (params,), (v,))
 
         out, JV = vmap(jv, out_dims=(None, 0))(spec.unflatten_block(V))   # (b, ...), (k, b, ...)
-        out = out.detach()
-        # output Hessian by reverse-over-reverse on the loss alone (cheap: no network in it);
-        # forward-over-reverse here fails in torch 2.14 for F.mse_loss ("ZeroTensors are immutable")
-        grad_out = grad(lambda o: self._batch_loss(o, y, index))
-        _, hvp_out = vjp(grad_out, out)
-        (HJV,) = vmap(hvp_out)(JV)
+        (HJV,) = vmap(output_hessian(self.loss_fn, out, y, index))(JV)
         _, vjp_fn = vjp(f, params)
         (GV,) = vmap(vjp_fn)(HJV)
         return spec.flatten_block(GV)
