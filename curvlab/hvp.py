@@ -344,6 +344,31 @@ class HessianOperator(DataLoop):
         self.reduce_(local_sum, total_grad, total_loss, grad_samples=self.num_samples)
         return float(total_loss) / self.num_samples, total_grad / self.num_samples
 
+    def per_sample_losses(self) -> Tensor:
+        """Per-sample losses ``loss_fn`` of each sample as a batch of one, shape ``(N,)``.
+
+        One forward pass over the data, no derivatives: the proxy by which
+        :mod:`curvlab.strata` stratifies the samples (a confidently fit sample
+        carries almost no curvature).  Targets may be nested (tuples, dicts); values
+        are returned as the loss gives them (``nan`` for a sample whose targets are
+        all ignored, say).  Booked as a third of a gradient per sample
+        (``grad_samples``; a forward pass is about a third of a gradient's FLOPs).
+        """
+        from .curvature.base import per_sample_losses
+
+        def losses(x, y, index):
+            with torch.no_grad():
+                per = per_sample_losses(self.loss_fn, self.fmodel(self.fmodel.params, x), y)
+            if per.dim() != 1:
+                check_scalar(per[0], index)
+            return per.detach()
+
+        def local_values():
+            return [losses(x, y, index) if nb else torch.zeros(0, dtype=self.dtype, device=self.device)
+                    for index, x, y, nb in self.local_batches(keep_empty=True)]
+
+        return self.gather(local_values, grad_samples=self.num_samples // 3)
+
     def per_sample_curvature(self, v: Tensor) -> Tensor:
         """Per-sample second directional derivatives ``v^T H_d v``, shape ``(N,)``.
 

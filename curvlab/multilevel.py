@@ -7,15 +7,18 @@ statistics it rests on (holdout Rayleigh quotients, Kato-Temple bounds).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List
 
 import torch
 from torch import Tensor
 
-from .sampling import (extreme_interval, guard_overturns, holdout_estimate, holdout_size_for,
-                       kato_temple_interval, sampling_room)
+from .sampling import (extreme_interval, guard_overturns, holdout_estimate,
+                       holdout_size_for, kato_temple_interval, sampling_room, stratified_estimate,
+                       subsample_se)
 from .loop import Cost
+from .strata import Design, StratifiedOperator
 from .solve import EndPair, _Context, _ends_of, _exact, _hvp_samples, _solve_ends
 
 _FORM = _hvp_samples(Cost(grad_samples=1))
@@ -65,6 +68,14 @@ class MultilevelPolicy:
             the quadratic form as a control variate (:func:`_certify`; the figures
             of BENCHMARKS.md before its issue-13 "control variate" rows were
             measured without it).
+        strata: strata by the per-sample loss for ``lambda_min``'s own levels
+            (:mod:`curvlab.strata`; 1: uniform, no forward pass);
+            ``extremes(strata=...)`` overrides it.
+        stratum_min: the fewest subsample draws a stratum gets.
+        stratum_holdout, stratum_groups: the fewest holdout samples, and holdout
+            groups, a stratum gets (its spread is estimated from its own groups).
+        strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
+            skipped when it would take more than this share of ``max_hvps``.
     """
 
     first_size: int = 2048
@@ -88,6 +99,11 @@ class MultilevelPolicy:
     all_rest: float = 0.6
     settle_noise: float = 0.1
     control_variate: bool = True
+    strata: int = 8
+    stratum_min: int = 8
+    stratum_holdout: int = 16
+    stratum_groups: int = 8
+    strata_budget: float = 0.1
 
 
 POLICY = MultilevelPolicy()
@@ -141,7 +157,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     unless an exact stage could still follow it.
     """
     H, N = ctx.H, ctx.H.num_samples
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(ctx.seed + 1))
+    uniform = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1))
+    spreads = dict(ctx.spreads)  # end -> per-stratum spreads along its vector (Neyman)
     todo = list(ends) if ends is not None else _ends_of(ctx.which)
     done: dict = dict(known or {})
     last: dict = {}
@@ -173,11 +190,27 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         # may spend everything left
         final = fit < POLICY.min_growth * m and (2 * POLICY.max_growth * m <= N
                                                  or remaining < POLICY.exact_products * len(todo))
-        HS = H.subset(perm[:m])
-        ctx.book(HS.cost, "search")
+        # lambda_min alone: a stratified subsample, Neyman for the spreads its vector showed
+        # last (proportional before any); otherwise a uniform one
+        design = (_min_design(ctx) if todo == ["min"] else None) or uniform
+        if design.stratified:  # a fresh holdout order at every level (the last one chose this S)
+            design = design.reshuffled(torch.Generator().manual_seed(ctx.seed + 3 + len(levels)))
+        alloc = design.allocate(m, spreads.get("min"), minimum=POLICY.stratum_min)
+        m = sum(alloc)
+        if design.stratified:
+            parts = [H.subset(design.part(h, 0, a)) for h, a in enumerate(alloc)]
+            for p in parts:
+                ctx.book(p.cost, "search")
+            HS = StratifiedOperator(parts, design.weights)
+        else:
+            HS = H.subset(design.take(alloc))
+            ctx.book(HS.cost, "search")
         found = _solve_ends(ctx, HS, todo, start, POLICY.search_tol, POLICY.search_budget * remaining, k=2)
-        ests = _certify(ctx, perm, m, found, todo, done, spend_all=final)
+        ests = _certify(ctx, design, alloc, found, todo, done, spend_all=final, spreads=spreads)
         level = {"sample_size": m, "ends": {}}
+        short: dict = {}  # end -> target, for the ends not yet within it
+        if design.stratified:
+            level["allocation"] = list(alloc)
         need = m
         for end in todo:
             theta, vec, res, conv, nxt = found[end]
@@ -192,7 +225,10 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
                                       residual_full=est.residual, interval=interval,
                                       control_variate=est.control_variate,
                                       kato_temple=kt, accepted=ok,
-                                      overturned=end in ctx.overturned)
+                                      overturned=end in ctx.overturned,
+                                      stratum_std=est.stratum_std)
+            if est.stratum_std and all(math.isfinite(x) for x in est.stratum_std):
+                spreads[end] = est.stratum_std
             # the estimate: the interval's centre (the point whose worst error over the
             # interval is least, so the reported error is the half-width; the Rayleigh
             # quotient of an unfinished vector errs inward, the subsample's extreme outward;
@@ -206,7 +242,13 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
                 done[end] = entry
             else:
                 last[end] = entry
-                need = max(need, _next_size(ctx, end, found[end], est, target, m))
+                short[end] = target
+        for end, target in short.items():
+            # an end alone at the next level gets a Neyman subsample for its spreads: its
+            # subsample spread falls by that allocation's gain over this level's
+            gain = (design.neyman_gain(alloc, ests[end].stratum_std, POLICY.stratum_min)
+                    if len(short) == 1 else 1.0)
+            need = max(need, _next_size(ctx, end, found[end], ests[end], target, m, gain))
         level["hvps_so_far"] = ctx.spent()
         levels.append(level)
         m_used = m
@@ -221,6 +263,45 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             done[end] = dict(value=math.nan, interval=(-math.inf, math.inf), vector=start.get(end),
                              converged=False, solver=math.inf, sampling=math.inf)
     return done, levels, m_used, sizes
+
+
+def _min_design(ctx: _Context):
+    """The stratified design of ``lambda_min``'s levels (:mod:`curvlab.strata`), made on first
+    use: strata by ``ctx.proxies`` or by the per-sample losses of one forward pass (booked
+    as ``"strata"``); ``None`` for one stratum, or when that pass would take more than
+    ``strata_budget`` of the budget left."""
+    if ctx.design is None:
+        H, N = ctx.H, ctx.H.num_samples
+        ctx.design = False
+        strata = min(int(ctx.strata), N // (2 * POLICY.stratum_min))
+        proxies = ctx.proxies
+        affordable = _FORWARD_PASS <= POLICY.strata_budget * (ctx.max_hvps - ctx.spent())
+        if strata > 1 and proxies is None and affordable:
+            before = H.cost.copy()
+            try:
+                proxies = H.per_sample_losses()
+            except Exception as exc:  # a loss that cannot take one sample at a time
+                warnings.warn(f"per-sample losses unavailable ({type(exc).__name__}: {exc}); lambda_min's "
+                              "subsamples stay uniform (pass proxies= to stratify them)",
+                              RuntimeWarning, stacklevel=4)
+            finally:  # the pass's work, moved from the full operator's record to its own phase
+                spent = Cost(grad_samples=H.cost.grad_samples - before.grad_samples,
+                             seconds=H.cost.seconds - before.seconds)
+                H.cost.grad_samples, H.cost.seconds = before.grad_samples, before.seconds
+                ctx.book(spent, "strata")
+            if proxies is not None and not bool(torch.isfinite(proxies).all()):
+                warnings.warn("some per-sample losses are not finite (e.g. samples whose targets "
+                              "are all ignored); they are stratified as the largest", RuntimeWarning,
+                              stacklevel=4)
+                proxies = torch.nan_to_num(proxies.double(), nan=math.inf).nan_to_num(posinf=1e300)
+        if strata > 1 and proxies is not None:
+            ctx.design = Design.by_proxy(proxies, strata, torch.Generator().manual_seed(ctx.seed + 2))
+    return ctx.design or None
+
+
+_FORWARD_PASS = 1 / 6
+"""The stratifying forward pass in full-data HVP equivalents (a third of a gradient per
+sample, booked at half an HVP per gradient)."""
 
 
 def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
@@ -304,7 +385,8 @@ def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[floa
     return est.value - stat[0], (est.value - se) - kt[0]
 
 
-def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: int) -> int:
+def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: int,
+               gain: float = 1.0) -> int:
     """Subsample size at which ``end``'s interval should meet ``target``.
 
     The subsample bound's excess shrinks like ``1/sqrt(m)`` (its spread and the
@@ -316,6 +398,9 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     Lanczos run on ``4m`` samples started from the vectors of ``m`` needs far
     fewer products than one from scratch, and so does the exact stage started
     from a large subsample's vectors), so no level is skipped on a prediction.
+    ``gain``: how many times lower the next level's subsample variance is at equal
+    size (a stratified design's Neyman allocation, :meth:`Design.neyman_gain`);
+    the predicted size is divided by it.
     """
     N = ctx.H.num_samples
     e_stat, e_kt = _excesses(ctx, end, pair, est, m)
@@ -324,6 +409,7 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     want = m * (max(e_stat, 0.0) / (2 * (1 - share / 2) * target)) ** 2
     if math.isfinite(e_kt):
         want = min(want, m * max(e_kt, 0.0) / (2 * (1 - share) * target))
+    want /= max(1.0, gain)
     if not math.isfinite(want):  # no bound on S holds (an overturned end): grow the most
         return int(min(N, POLICY.max_growth * m))
     return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
@@ -365,7 +451,7 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
     # a pair that missed the solver's tolerance is still trusted when its residual is
     # far below the sampling spread (the tolerance could not change the interval)
-    noise = POLICY.settle_noise * ctx.z * est.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    noise = POLICY.settle_noise * ctx.z * subsample_se(est, m, N)
     # (the guard must have settled too: a small residual alone may belong to the second
     # eigenvalue of a cluster while the first is not yet in the Krylov space)
     guard_settled = nxt is not None and (nxt.converged or nxt.residual <= noise)
@@ -386,8 +472,8 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
 
 
-def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], done: dict,
-             spend_all: bool = False) -> dict:
+def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends: List[str],
+             done: dict, spend_all: bool = False, spreads: dict | None = None) -> dict:
     """Grow a holdout after the subsample until each end's sampling error is small enough.
 
     Returns ``{end: HoldoutEstimate}``.  The holdout starts at ``m`` samples (at
@@ -413,19 +499,38 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     by one pass and the estimate becomes that mean plus the holdout mean of
     ``v^T (H_d - G_d) v`` (:func:`curvlab.sampling.holdout_estimate`), and later
     chunks carry forms too (except one that completes the holdout).
+
+    Each end has its holdout plan (:func:`_holdout_plans`): ``lambda_max`` a uniform
+    holdout of the samples outside ``S``; ``lambda_min``, when strata are available
+    (:mod:`curvlab.strata`), a stratified one, drawn stratum by stratum in proportion to
+    its Neyman allocation (:meth:`Design.holdout_allocation`), each stratum's groups kept
+    apart (:func:`curvlab.sampling.stratified_estimate`), which also measures the
+    per-stratum spreads that allocate its next subsample: from the samples outside a
+    uniform ``S`` (post-stratified; ``S``'s part is ``m theta_S``), or from all of each
+    stratum, independently of a stratified ``S``.  Sizes and the budget are counted in
+    totals as for one stratum.
     """
     H, N = ctx.H, ctx.H.num_samples
-    rest = N - m
+    m = sum(alloc)
+    plans = _holdout_plans(ctx, design, alloc, ends, spreads or {})
+    rest = max(p.pool for p in plans.values())  # what a holdout draws from (N - m, or N)
+    base = N - rest  # the "m" of the holdout's sizing: m, or 0 for whole strata
     vectors = {e: found[e].vector.to(H.device, H.dtype) for e in ends}
     vectors = {e: v / v.norm() for e, v in vectors.items()}
-    accs: dict = {}
-    ests: dict = {}
-    active = list(ends)
-    t = 0
     # the first chunk also multiplies each end's guard vector: the holdout checks the
     # subsample's order (an extreme eigenvector that is weakly represented in S can be
     # S's guard rather than its extreme)
     guards = {e: found[e].guard.vector.to(H.device, H.dtype) for e in ends if found[e].guard is not None}
+    guards = {e: g / g.norm() for e, g in guards.items()}
+
+    def with_forms(accs) -> bool:
+        return all(bool(a.has_forms[0]) for a in accs if a is not None)
+
+    accs: dict = {e: [None] * len(plans[e].design.sizes if plans[e].design.stratified else [0])
+                  for e in ends}
+    ests: dict = {}
+    active = list(ends)
+    t = 0
     t_next = min(rest, max(m, POLICY.first_chunk))
     # the Gauss-Newton control variate is tried at the top only (the GGN is positive
     # semi-definite and carries the Hessian's outliers; at the bottom it follows nothing),
@@ -433,34 +538,46 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
     left = max(0.0, ctx.max_hvps - ctx.spent()) * N
     forms = {e for e in ends if e == "max" and POLICY.control_variate and t_next < rest
              and left - t_next * (len(ends) + len(guards) + _FORM) >= _FORM * (rest - t_next)}
-    population: dict = {}  # end -> exact mean of v^T G_d v outside S, once the variate is chosen
+    population: dict = {}  # end -> per stratum, the exact mean of v^T G_d v over its pool
     per_sample = len(ends) + len(guards) + _FORM * len(forms)
     affordable = int(left / per_sample)
     t_next = max(min(t_next, affordable), min(rest, POLICY.min_chunk))
-    group = max(1, min(POLICY.max_group, t_next // POLICY.groups))
+    for plan in set(plans.values()):
+        plan.groups = _group_sizes(plan.design, plan.design.holdout_allocation(
+            t_next, plan.shape, plan.taken, POLICY.stratum_holdout))
     ctx.overturned.clear()
     while True:
-        HT = H.subset(perm[m + t:m + t_next])
-        ctx.book(HT.cost, "certify")
-        rows = [vectors[e] for e in active] + ([g / g.norm() for g in guards.values()] if t == 0 else [])
-        # (a chunk that completes the holdout needs no forms: its mean is then exact)
-        mask = torch.tensor([e in forms and t_next < rest for e in active]
-                            + [False] * (len(rows) - len(active)))
-        part = HT.holdout_statistics(torch.stack(rows), group_size=group, gauss_newton=mask)
-        for j, e in enumerate(active):
-            if e in accs:
-                accs[e].merge(part.row(j))
-            else:
-                accs[e] = part.row(j)
-            cv = population.get(e) if bool(accs[e].has_forms[0]) else None
-            ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N,
-                                       population_form=cv)
-        if t == 0:
-            for j, e in enumerate(guards, start=len(active)):
-                g = holdout_estimate(part.row(j), 0, found[e].guard.theta, found[e].guard.residual, m, N)
+        for plan in set(plans[e] for e in active):
+            mine = [e for e in active if plans[e] is plan]
+            new = plan.design.holdout_allocation(t_next, plan.shape, plan.taken, POLICY.stratum_holdout)
+            checked = [e for e in mine if e in guards] if t == 0 else []
+            rows = [vectors[e] for e in mine] + [guards[e] for e in checked]
+            # (a chunk that completes the holdout needs no forms: its mean is then exact)
+            mask = torch.tensor([e in forms and sum(new) < plan.pool for e in mine] + [False] * len(checked))
+            parts = []
+            for h, (a, b) in enumerate(zip(plan.taken, new)):
+                if b <= a:
+                    parts.append(None)
+                    continue
+                HT = H.subset(plan.design.holdout_part(h, plan.shape, a, b))
+                ctx.book(HT.cost, "certify")
+                parts.append(HT.holdout_statistics(torch.stack(rows), group_size=plan.groups[h],
+                                                   gauss_newton=mask))
+            for j, e in enumerate(mine):
+                for h, part in enumerate(parts):
+                    if part is not None:
+                        if accs[e][h] is None:
+                            accs[e][h] = part.row(j)
+                        else:
+                            accs[e][h].merge(part.row(j))
+                cv = population.get(e) if with_forms(accs[e]) else None
+                ests[e] = plan.estimate(accs[e], found[e], cv)
+            for j, e in enumerate(checked, start=len(mine)):
+                g = plan.estimate([p.row(j) if p is not None else None for p in parts], found[e].guard)
                 if guard_overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
                     ctx.overturned.add(e)
-        first, t = t == 0, t_next
+            plan.taken = new
+        first, t = t == 0, min(sum(plans[e].taken) for e in active)
         if t >= rest:
             return ests
         if first:
@@ -468,14 +585,13 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
             # first chunk both informs the choice and enters the estimate: a mild adaptivity,
             # like the holdout's own growth, that the variate's unbiasedness does not rest on
             for e in sorted(forms):
-                if _control_variate_pays(ctx, e, found[e], accs[e], ests[e], m, t, spend_all, done):
-                    # the forms' exact mean outside S: the chunk's sum and a pass over the rest
-                    HR = H.subset(perm[m + t:])
-                    ctx.book(HR.cost, "certify")
-                    after = float(HR.gauss_newton_forms(vectors[e][None])[0])
-                    population[e] = (float(accs[e].C0[0]) + (rest - t) * after) / rest
-                    ests[e] = holdout_estimate(accs[e], 0, found[e].theta, found[e].residual, m, N,
-                                               population_form=population[e])
+                plan = plans[e]
+                if not with_forms(accs[e]):
+                    continue
+                cv_est = plan.estimate(accs[e], found[e], [0.0] * len(accs[e]))
+                if _control_variate_pays(ctx, e, found[e], ests[e], cv_est, m, base, t, spend_all, done):
+                    population[e] = _population_forms(ctx, plan, accs[e], vectors[e])
+                    ests[e] = plan.estimate(accs[e], found[e], population[e])
             forms = set(population)
         wants, two_sided = {}, set()
         for e in active:
@@ -492,7 +608,7 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
                 continue
             room = sampling_room(*_excesses(ctx, e, found[e], est, m), target)
             if room >= POLICY.min_room * target:  # else S is too small: no holdout helps
-                wants[e] = holdout_size_for(est, ctx.z, POLICY.room_use * room, m, N)
+                wants[e] = holdout_size_for(est, ctx.z, POLICY.room_use * room, base, N)
         active = [e for e in active if wants.get(e, 0) > t]
         if spend_all and two_sided:
             active = [e for e in active if e in two_sided]
@@ -509,8 +625,86 @@ def _certify(ctx: _Context, perm: Tensor, m: int, found: dict, ends: List[str], 
         t_next = t_new
 
 
-def _control_variate_pays(ctx: _Context, end: str, pair: EndPair, acc, est, m: int, t: int,
-                          spend_all: bool, done: dict) -> bool:
+class _Plan:
+    """One end's holdout: its design, the allocation shape it draws in proportion to, what it
+    has drawn per stratum (``taken``), its pool size, and its estimate."""
+
+    def __init__(self, design: Design, shape: List[int], estimate):
+        self.design, self.shape, self.estimate = design, shape, estimate
+        self.taken = [0] * len(shape)
+        self.pool = sum(design.pools(shape))
+        self.groups: List[int] = []
+
+
+def _holdout_plans(ctx: _Context, design: Design, alloc: List[int], ends: List[str],
+                   spreads: dict) -> dict:
+    """``{end: _Plan}``: how each end's holdout is drawn and estimated (see :func:`_certify`).
+
+    A stratified subsample (``lambda_min`` alone) is certified from all of each stratum;
+    with a uniform subsample, ``lambda_min`` gets a holdout stratified over the samples
+    outside ``S`` when strata are available (:func:`_min_design`), in proportion to its
+    Neyman allocation for ``spreads`` (proportional before any), and every other end the
+    uniform holdout of the samples outside ``S``.
+    """
+    N, m = ctx.H.num_samples, sum(alloc)
+    if design.stratified:
+        whole = _Plan(design, list(alloc), lambda accs, pair, pop=None: stratified_estimate(
+            accs, 0, alloc, design.sizes, pop, z=ctx.z))
+        return {e: whole for e in ends}
+
+    def uniform_estimate(accs, pair, pop=None):
+        return holdout_estimate(accs[0], 0, pair.theta, pair.residual, m, N,
+                                population_form=None if pop is None else pop[0])
+    plans = {}
+    uniform = _Plan(design, list(alloc), uniform_estimate)
+    strata = _min_design(ctx) if "min" in ends else None
+    for e in ends:
+        if e == "min" and strata is not None:
+            fresh = strata.reshuffled(torch.Generator().manual_seed(ctx.seed + 1000 + m))
+            outside = fresh.outside(design.take(alloc))
+            shape = outside.allocate(max(m, len(outside.sizes)), spreads.get("min"),
+                                     minimum=POLICY.stratum_min)
+            plans[e] = _Plan(outside, shape, lambda accs, pair, pop=None: stratified_estimate(
+                accs, 0, shape, outside.sizes, pop, pools=outside.pools(shape),
+                subsample=(m, pair.theta, pair.residual), z=ctx.z))
+        else:
+            plans[e] = uniform
+    return plans
+
+
+def _group_sizes(design: Design, first: List[int]) -> List[int]:
+    """Holdout group size per stratum, from the first chunk's allocation ``first``: about
+    ``groups`` groups in all (at most ``max_group`` samples each), at least
+    ``stratum_groups`` in every stratum of a stratified design (each stratum's spread is
+    estimated from its own groups)."""
+    total = max(1, sum(first))
+    if not design.stratified:
+        return [max(1, min(POLICY.max_group, first[0] // POLICY.groups))]
+    return [max(1, min(POLICY.max_group, t // max(POLICY.stratum_groups, round(POLICY.groups * t / total))))
+            for t in first]
+
+
+def _population_forms(ctx: _Context, plan: _Plan, accs: list, v: Tensor) -> List[float]:
+    """Per stratum, the exact mean of the Gauss-Newton forms ``v^T G_d v`` over the holdout's
+    pool (:meth:`Design.pools`): the holdout chunk's sum and one forward-mode pass over the
+    rest of the pool."""
+    out = []
+    for h, (rest_h, t_h) in enumerate(zip(plan.design.pools(plan.shape), plan.taken)):
+        if rest_h == 0:
+            out.append(0.0)
+            continue
+        chunk = float(accs[h].C0[0]) if accs[h] is not None else 0.0
+        after = 0.0
+        if rest_h > t_h:
+            HR = ctx.H.subset(plan.design.holdout_part(h, plan.shape, t_h))
+            ctx.book(HR.cost, "certify")
+            after = float(HR.gauss_newton_forms(v[None])[0])
+        out.append((chunk + (rest_h - t_h) * after) / rest_h)
+    return out
+
+
+def _control_variate_pays(ctx: _Context, end: str, pair: EndPair, est, cv, m: int, base: int,
+                          t: int, spend_all: bool, done: dict) -> bool:
     """Whether the Gauss-Newton control variate makes ``end``'s holdout cheaper.
 
     After the first chunk ``t`` of the holdout (whose groups carry their Gauss-Newton
@@ -518,17 +712,19 @@ def _control_variate_pays(ctx: _Context, end: str, pair: EndPair, acc, est, m: i
     :func:`_certify` (at least doubling, straight to all ``N - m`` samples outside
     ``S`` past ``all_rest`` of them; on the last level the budget allows, straight to
     all unless the interval is within tolerance): without the variate, the holdout
-    products up to the size the spread of ``q = v^T H_d v`` asks; with it, one
-    forward-mode pass over the ``N - m - t`` samples outside ``S`` and the chunk (the
-    forms' exact mean), then holdout products with their forms up to the size the
-    spread of ``q - c`` asks (a chunk that completes the holdout needs no forms).  The
-    variate is taken when it is the cheaper by the cost record's count and all of it
-    fits the budget; an end already within tolerance, or one whose subsample alone
-    keeps it from the tolerance, needs no larger holdout and takes nothing.
+    products up to the size the spread of ``q = v^T H_d v`` asks (``est``); with it,
+    one forward-mode pass over the ``N - m - t`` samples outside ``S`` and the chunk
+    (the forms' exact mean), then holdout products with their forms up to the size the
+    spread of ``q - c`` asks (``cv``: the estimate with the variate, its population mean
+    set to zero; a chunk that completes the holdout needs no forms).  The variate is
+    taken when it is the cheaper by the cost record's count and all of it fits the
+    budget; an end already within tolerance, or one whose subsample alone keeps it from
+    the tolerance, needs no larger holdout and takes nothing.  ``base``: ``N`` less the
+    holdout's pool (``m`` for a uniform design, 0 for a stratified one).
     """
     N = ctx.H.num_samples
-    rest = N - m
-    if not bool(acc.has_forms[0]) or acc.groups < 2:
+    rest = N - base
+    if not math.isfinite(cv.holdout_std):
         return False
     interval, _, _ = _level_interval(ctx, end, pair, est, m)
     target = _target(ctx, end, est.value, {end: pair}, done)
@@ -537,10 +733,9 @@ def _control_variate_pays(ctx: _Context, end: str, pair: EndPair, acc, est, m: i
     room = sampling_room(*_excesses(ctx, end, pair, est, m), target)
     if room < POLICY.min_room * target and not spend_all:
         return False
-    cv = holdout_estimate(acc, 0, pair.theta, pair.residual, m, N, population_form=0.0)
 
     def size(e) -> int:  # the holdout the loop would grow to
-        want = holdout_size_for(e, ctx.z, POLICY.room_use * room, m, N) if room > 0 else rest
+        want = holdout_size_for(e, ctx.z, POLICY.room_use * room, base, N) if room > 0 else rest
         if want <= t:
             return t
         if spend_all:

@@ -34,7 +34,8 @@ from torch import Tensor
 
 __all__ = ["RayleighEstimate", "holdout_rayleigh", "extreme_interval", "sample_size_for",
            "HoldoutAccumulator", "HoldoutEstimate", "holdout_estimate", "holdout_size_for",
-           "kato_temple_interval", "sampling_room", "guard_overturns"]
+           "kato_temple_interval", "sampling_room", "guard_overturns", "stratified_estimate",
+           "subsample_se"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def extreme_interval(end: str, estimate: RayleighEstimate, theta_subsample: floa
     extreme eigenvector and the outward side is infinite.
     """
     lo, hi = estimate.value - z * estimate.se, estimate.value + z * estimate.se
-    spread = z * estimate.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
+    spread = z * subsample_se(estimate, m, N)
     # a bound that the holdout contradicts (the vector's Rayleigh quotient lies beyond the
     # subsample's extreme by more than both spreads: S under-represents the extreme
     # eigenvector) is no bound: that side opens
@@ -101,6 +102,16 @@ def extreme_interval(end: str, estimate: RayleighEstimate, theta_subsample: floa
         bound = theta_subsample - residual - spread
         return (min(bound, lo) if bound <= hi else -math.inf), hi
     raise ValueError(f"end must be 'max' or 'min', got {end!r}")
+
+
+def subsample_se(estimate, m: int, N: int) -> float:
+    """Standard error of ``u^T H_S u`` about ``u^T H u`` for the subsample's design: the
+    estimate's own (:attr:`HoldoutEstimate.subsample_se`, stratified designs) or, for a
+    uniform ``S``, ``std / sqrt(m)`` with the finite-population correction."""
+    own = getattr(estimate, "subsample_se", math.nan)
+    if not math.isnan(own):
+        return own
+    return estimate.std / math.sqrt(m) * math.sqrt(max(0.0, 1 - m / N))
 
 
 def sample_size_for(m: int, half_width: float, target: float, N: int, growth: float = 2.0) -> int:
@@ -265,7 +276,12 @@ class HoldoutEstimate:
     ``holdout``: holdout samples used;
     ``holdout_std``: per-sample standard deviation of what the holdout averages (``std``
     itself, or that of ``v^T (H_d - G_d) v`` with the Gauss-Newton control variate),
-    for sizing the holdout; ``control_variate``: whether the estimate used it.
+    for sizing the holdout; ``control_variate``: whether the estimate used it;
+    ``subsample_se``: standard error of a subsample's quadratic form ``u^T H_S u`` about
+    ``u^T H u`` (the subsample bound's spread; ``std / sqrt(m)`` with the finite-population
+    correction for a uniform ``S``, :func:`stratified_estimate` for a stratified one);
+    ``stratum_std``: per-stratum ``std`` (stratified designs; the next allocation's
+    Neyman spreads).
     """
 
     value: float
@@ -275,6 +291,8 @@ class HoldoutEstimate:
     holdout: int
     holdout_std: float = math.nan
     control_variate: bool = False
+    subsample_se: float = math.nan
+    stratum_std: tuple = ()
 
     def __post_init__(self):
         if math.isnan(self.holdout_std):
@@ -330,6 +348,135 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         std=math.sqrt(var * t),
         residual=m / N * residual_subsample + rest / N * math.sqrt(perp_sq),
         holdout=t, holdout_std=math.sqrt(var_h * t), control_variate=cv)
+
+
+def student_factor(z: float, dof: float) -> float:
+    """Student's ``t`` quantile over the normal one ``z`` at ``dof`` degrees of freedom
+    (Cornish-Fisher expansion; within 1 % of the exact quantile for ``dof >= 3`` at 95 %)."""
+    if dof == math.inf:
+        return 1.0
+    if not dof > 0:  # (nan or none: no spread is known)
+        return math.inf
+    t = (z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+         + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * dof ** 3))
+    return t / z
+
+
+def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
+                        subsample=None, z: float | None = None) -> HoldoutEstimate:
+    """:func:`holdout_estimate` for a stratified holdout (:mod:`curvlab.strata`).
+
+    Stratum ``h`` has ``N_h`` samples; its holdout ``T_h`` (``accs[h]``, row ``j``) is drawn
+    without replacement from a pool of ``P_h`` of them, independently of the subsample
+    ``S`` (so of ``v``).  Two designs:
+
+    * **stratified** ``S`` (``m_h = ms[h]`` drawn from stratum ``h``), pools the whole strata
+      (``pools=None``, ``T_h`` may overlap ``S_h``):
+      ``v^T H v = sum_h (N_h / N) mean_{d in h} q_d``, estimated by ``sum_h (N_h / N) mean_{T_h} q``;
+    * **uniform** ``S`` of ``m`` samples (``subsample=(m, theta_S, residual_S)``), pools the
+      ``P_h`` samples of each stratum outside ``S`` (post-stratification):
+      ``v^T H v = (m theta_S + sum_h P_h mean_{d in pool h} q_d) / N``.
+
+    Either is unbiased, with variance ``sum_h (P_h / N)^2 var(mean_{T_h} q) (1 - t_h / P_h)``
+    (strata are drawn independently); exact when every ``T_h`` is its whole pool.  With
+    ``population_forms[h]``, the exact mean of the Gauss-Newton forms over pool ``h``, each
+    stratum's mean is that plus ``mean_{T_h}(q - c)``, as in :func:`holdout_estimate`.
+
+    The residual ``||(I - v v^T) H v||`` is estimated from ``sum_h (P_h / N) H_{T_h} v``
+    (plus ``(m / N) residual_S`` for a uniform ``S``, by the triangle inequality) with the
+    holdout's noise taken out at its lower two-sigma bound: each stratum's noise is
+    estimated from its own few groups, so the sum has few degrees of freedom
+    (Satterthwaite), and subtracting all of it, as :func:`holdout_estimate` does with 32 or
+    more groups, would often leave a residual of zero and a Kato-Temple side too tight;
+    the residual errs large instead.
+
+    ``subsample_se``: the standard error of the subsample's quadratic form along ``v``:
+    ``sqrt(sum_h W_h^2 sigma_h^2 (1 - m_h / N_h) / m_h)`` for a stratified ``S``
+    (``W_h = N_h / N``), ``sigma sqrt((1 - m / N) / m)`` for a uniform one, with ``sigma^2 =
+    sum_h W_h sigma_h^2 + sum_h W_h (mu_h - mu)^2`` the population variance put together
+    from the strata's spreads ``sigma_h`` (``stratum_std``) and means.  ``std`` is the
+    per-sample spread that gives ``subsample_se`` under uniform sampling of ``m``, and
+    ``holdout_std`` that of the holdout at its current allocation, read as a uniform
+    holdout from the pools (so that :func:`holdout_size_for` sizes it with ``m = N - sum P_h``).
+
+    With ``z`` (the normal quantile the caller's intervals use), ``se`` and
+    ``subsample_se`` are widened by Student's ``t`` over ``z`` at their Satterthwaite
+    degrees of freedom (:func:`student_factor`): each stratum's variance comes from its own
+    groups, and the stratum that carries the heavy tail dominates the sum with few of them.
+    """
+    N = sum(Ns)
+    pools = list(Ns) if pools is None else list(pools)
+    if not len(accs) == len(ms) == len(Ns) == len(pools):
+        raise ValueError(f"got {len(accs)} holdouts, {len(ms)} allocations, {len(pools)} pools "
+                         f"and {len(Ns)} strata")
+    if any(a is None for a in accs):
+        raise ValueError("a stratified estimate needs a holdout in every stratum")
+    v = accs[0].V[j].double()
+    cv = population_forms is not None
+    a = torch.zeros_like(v)
+    total = se2 = noise = dof = spread = dof_se = dof_sub = 0.0
+    t_all = sum(int(round(acc.W1)) for acc in accs)
+    stds, means = [], []
+    for h, (acc, P) in enumerate(zip(accs, pools)):
+        w = P / N
+        t_h = int(round(acc.W1))
+        if not 0 < t_h <= P:
+            raise ValueError(f"stratum {h}: holdout of {t_h} samples from a pool of {P}")
+        if cv and not bool(acc.has_forms[j]):
+            raise ValueError(f"population_forms given, but stratum {h}'s holdout groups lack "
+                             "Gauss-Newton forms")
+        fpc = max(0.0, 1 - t_h / P)
+        if acc.groups < 2:
+            var = var_h = noise_h = math.inf
+        else:
+            var, noise_h = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
+            var_h = float(acc.cv_var_of_mean()[j]) if cv else var
+        plain = float(acc.means()[j])
+        total += w * (float(population_forms[h]) + float(acc.cv_means()[j]) if cv else plain)
+        a += w * acc.P1[j].double() / acc.W1
+        if fpc > 0:
+            se2 += w ** 2 * var_h * fpc
+            dof_se += (w ** 2 * var_h * fpc) ** 2 / max(acc.groups - 1, 1)
+            noise += w ** 2 * noise_h * fpc
+            dof += (w ** 2 * noise_h * fpc) ** 2 / max(acc.groups - 1, 1)
+        spread += w ** 2 * var_h * t_all  # w_h^2 s_h^2 / alpha_h with alpha_h = t_h / t
+        stds.append(math.sqrt(var * t_h))
+        means.append(plain)
+    perp = a - float(a @ v) * v
+    raw = float(perp.pow(2).sum())
+    if math.isfinite(noise) and noise > 0:
+        df = noise ** 2 / dof  # Satterthwaite: the noise estimate's degrees of freedom
+        noise *= max(0.0, 1 - 2 * math.sqrt(2 / df))
+    residual = math.sqrt(max(0.0, raw - noise)) if math.isfinite(noise) else math.sqrt(raw)
+    W = [n / N for n in Ns]
+    groups = [max(acc.groups - 1, 1) for acc in accs]
+    if subsample is not None:  # a uniform S: its exact part, and the population's spread
+        m, theta, res_s = subsample
+        total += m * theta / N
+        residual += m / N * res_s
+        mu = sum(wh * x for wh, x in zip(W, means))
+        var_pop = sum(wh * (s * s + (x - mu) ** 2) for wh, s, x in zip(W, stds, means))
+        sub_var = var_pop * max(0.0, 1 - m / N) / max(m, 1)
+        parts = [wh * s * s for wh, s in zip(W, stds)]
+    else:
+        m = sum(ms)
+        parts = [wh ** 2 * s * s * max(0.0, 1 - mh / nh) / max(mh, 1)
+                 for wh, s, mh, nh in zip(W, stds, ms, Ns)]
+        sub_var = sum(parts)
+    dof_sub = sum(x * x / g for x, g in zip(parts, groups))
+    if z is not None and math.isfinite(se2) and math.isfinite(sub_var):  # Student's t (Satterthwaite)
+        if se2 > 0:
+            se2 *= student_factor(z, se2 ** 2 / dof_se) ** 2 if dof_se > 0 else 1.0
+        if sub_var > 0 and dof_sub > 0:
+            sub_var *= student_factor(z, sum(parts) ** 2 / dof_sub) ** 2
+    if math.isnan(sub_var):  # (a stratum without a spread: unknown, not "uniform")
+        sub_var = math.inf
+    rest = sum(pools)
+    fpc_m = max(0.0, 1 - m / N)
+    return HoldoutEstimate(
+        value=total, se=math.sqrt(se2), std=math.sqrt(sub_var * m / fpc_m) if fpc_m > 0 else 0.0,
+        residual=residual, holdout=t_all, holdout_std=math.sqrt(spread) * N / rest if rest > 0 else 0.0,
+        control_variate=cv, subsample_se=math.sqrt(sub_var), stratum_std=tuple(stds))
 
 
 def holdout_size_for(estimate: HoldoutEstimate, z: float, target: float, m: int, N: int) -> int:

@@ -50,12 +50,13 @@ class EndPair(NamedTuple):
     guard: Optional[Guard]
 
 
-PHASES = ("search", "certify", "exact", "approximation", "rounding")
+PHASES = ("search", "certify", "exact", "approximation", "rounding", "strata")
 """Where a call's work goes (:attr:`curvlab.CostRecord.phases`): the solver on a subsample
 (``search``), holdout statistics that certify its vectors (``certify``), everything on the full
 data operator (``exact``: the all-data stage, or the whole call in the exact regime), building
-a curvature approximation (``approximation``), and the float64 probe of the rounding slack
-(``rounding``)."""
+a curvature approximation (``approximation``), the float64 probe of the rounding slack
+(``rounding``), and the forward pass whose per-sample losses stratify the samples
+(``strata``, :mod:`curvlab.strata`)."""
 
 
 def _hvp_samples(cost: Cost) -> float:
@@ -86,6 +87,10 @@ class _Context:
     approx_shift: float = 0.0
     overturned: set = field(default_factory=set)  # ends whose subsample order the holdout reversed
     rounding: str = "none"  # how the exact stage's rounding slack was found (_rounding_slack)
+    strata: int = 1  # strata for lambda_min's levels (curvlab.strata); 1: uniform
+    proxies: Optional[Tensor] = None  # per-sample values to stratify by (None: the losses)
+    design: object = None  # lambda_min's stratified design once made (False: none)
+    spreads: dict = field(default_factory=dict)  # end -> per-stratum spreads (a warm start's)
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""

@@ -73,7 +73,7 @@ def row(label, r, ratio, ref) -> dict:
                epochs=(r.cost.hvps - grads / 2) * ratio + grads, seconds=r.cost.seconds,
                phases={k: v * ratio for k, v in r.cost.phases.items()},
                sample_size=getattr(r, "sample_size", None),
-               levels=[dict(sample_size=lv["sample_size"],
+               levels=[dict(sample_size=lv["sample_size"], allocation=lv.get("allocation"),
                             ends={e: {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
                                   for e, d in lv["ends"].items()}) for lv in r.levels])
     for end in ("max", "min"):
@@ -127,6 +127,8 @@ def main(argv=None):
     p.add_argument("--no-floors", action="store_true")
     p.add_argument("--cold-only", action="store_true", help="skip the warm calls")
     p.add_argument("--json", default=None)
+    p.add_argument("--strata", type=int, default=None,
+                   help="extremes(strata=...) for every call (default: curvlab's)")
     args = p.parse_args(argv)
     cache = Path(args.cache)
     data = find_cifar10(args.data)
@@ -152,7 +154,7 @@ def main(argv=None):
         out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
         first = None
         for s in range(args.seeds):
-            r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)
+            r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata)
             first = first or r
             out["calls"].append(row(f"cold s{s}", r, ratio, ref))
             show(out["calls"][-1])
@@ -160,10 +162,13 @@ def main(argv=None):
             save(args, report, E, out)
         if E - 1 >= 1 and not args.cold_only:
             prev_model, _ = load_checkpoint(paths[E - 1])
-            prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0)
+            prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
             log(f"  (warm start: e{E - 1} call, {prev.cost.hvps * ratio:.1f} epochs)")
+            out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
+            show_levels(out["warm_start"])
             for label, kw in (("warm", {}), ("warm LA", {"which": "LA"})):
-                r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=0, init=prev, **kw)
+                r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=0, init=prev,
+                                     strata=args.strata, **kw)
                 out["calls"].append(row(label, r, ratio, ref))
                 show(out["calls"][-1])
                 show_levels(out["calls"][-1])

@@ -93,26 +93,32 @@ def test_bad_holdout():
         holdout_rayleigh(0.0, 95, torch.ones(10, dtype=D), 100)
 
 
-def _trained_mlp(N=3000, seed=0):
+def _trained_mlp(N=3000, seed=0, noise=0.7, steps=100, adam=False):
+    """A 6-8-3 tanh classifier trained on noisy labels (``noise``: the label noise's scale;
+    ``adam``: fit hard with Adam rather than 100 SGD steps)."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(N, 6, generator=g, dtype=D)
-    Y = (X[:, :3] + 0.7 * torch.randn(N, 3, generator=g, dtype=D)).argmax(1)
+    Y = (X[:, :3] + noise * torch.randn(N, 3, generator=g, dtype=D)).argmax(1)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(100):
+    opt = torch.optim.Adam(model.parameters(), lr=0.05) if adam else torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(X), Y).backward()
         opt.step()
     return model, X, Y
 
 
-@pytest.fixture(scope="module")
-def mlp_problem():
-    model, X, Y = _trained_mlp()
+def with_truth(model, X, Y):
+    """``(model, X, Y, lambda_min, lambda_max, slack)`` from the dense Hessian (float64)."""
     ev = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, X, Y))
     slack = ev.numel() * torch.finfo(D).eps * float(ev.abs().max())  # float64 rounding
     return model, X, Y, float(ev[0]), float(ev[-1]), slack
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    return with_truth(*_trained_mlp())
 
 
 def _ce_none(out, y):
@@ -185,7 +191,8 @@ def test_subsample_intervals_cover_at_about_their_level(mlp_problem):
     two_sided = {"max": [], "min": []}
     for seed in range(20):
         r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel",
-                             sample_size=m, tol=1e-9, seed=seed, batch_size=500, max_hvps=2)
+                             sample_size=m, tol=1e-9, seed=seed, batch_size=500, max_hvps=2,
+                             strata=1)  # uniform: the se check below is a uniform holdout's
         assert len(r.levels) == 1 and r.levels[0]["sample_size"] == m
         for end, truth in (("max", lmax), ("min", lmin)):
             d = r.levels[0]["ends"][end]
@@ -215,7 +222,7 @@ def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     # not skipped.  lambda_min (exact stage) is checked against the dense truth here;
     # lambda_max, certified on the subsample, is the test below.
     model, X, Y, lmin, lmax, slack = mlp_problem
-    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
+    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500, strata=1)
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
     assert r.sample_sizes["max"] < r.num_samples == r.sample_sizes["min"], r.sample_sizes
     last = r.levels[-1]["sample_size"]
@@ -235,7 +242,7 @@ def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_
     # interval still holds the dense truth
     model, X, Y, lmin, lmax, slack = mlp_problem
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
-                         tol=0.05, tol_min=0.05, batch_size=500)
+                         tol=0.05, tol_min=0.05, batch_size=500, strata=1)  # (uniform: S = perm[:m])
     top = r.levels[-1]
     assert top["ends"]["max"]["control_variate"] and not top["ends"]["min"]["control_variate"]
     assert top["ends"]["max"]["holdout"] == 800 < r.num_samples - top["sample_size"]
@@ -298,7 +305,7 @@ def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem,
     monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, control_variate=False))
     model, X, Y, lmin, lmax, slack = mlp_problem
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
-                         tol=0.05, tol_min=0.05, batch_size=500)
+                         tol=0.05, tol_min=0.05, batch_size=500, strata=1)  # (uniform: S = perm[:m])
     top = r.levels[-1]
     assert top["ends"]["max"]["holdout"] == r.num_samples - top["sample_size"]
     assert r.converged_max

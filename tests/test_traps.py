@@ -165,7 +165,7 @@ def test_a_bottom_eigenvector_weakly_represented_in_the_subsample():
     model, data, H = _weak_in_subsample_problem()
     w = torch.linalg.eigvalsh(H)
     r = curvlab.extremes(model, mean_loss, data, sampling="multilevel", sample_size=500, batch_size=250,
-                         which="SA", seed=0)
+                         which="SA", seed=0, strata=1)  # (the trap is laid in the uniform S = perm[:m])
     first = r.levels[0]["ends"]["min"]
     assert first["overturned"] and not first["accepted"]   # the trap was set and seen
     assert _holds(r, "min", float(w[0]), _dense_error(w))
