@@ -76,6 +76,9 @@ class MultilevelPolicy:
             groups, a stratum gets (its spread is estimated from its own groups).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
+        warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
+            starts ``lambda_min`` at its previous size over this (1: at it; 2 was
+            measured and cost more on average, BENCHMARKS.md).
     """
 
     first_size: int = 2048
@@ -104,6 +107,7 @@ class MultilevelPolicy:
     stratum_holdout: int = 16
     stratum_groups: int = 8
     strata_budget: float = 0.1
+    warm_min_shrink: int = 1
 
 
 POLICY = MultilevelPolicy()
@@ -350,8 +354,13 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     When the previous call converged at both ends on subsamples whose sizes are at
     least ``max_growth`` apart (typically ``lambda_max`` at the first level and
     ``lambda_min`` several levels later), this call searches each end from its own
-    size: ``lambda_max`` first, then ``lambda_min`` straight at its previous size,
-    rather than climbing the levels again from the smaller one.
+    size: ``lambda_max`` first from its previous size, then ``lambda_min`` straight
+    at its own (over ``warm_min_shrink``), rather than climbing the levels again
+    from the smaller one.  Starting ``lambda_min`` lower (at half its size) lets
+    its size fall between epochs when less is needed, but a level that falls short
+    costs its search and holdout and a noisy prediction for the next one: over
+    three seeds at ``c50k-e15`` and one at ``c50k-e5`` half cost more on average
+    (BENCHMARKS.md, "Warm calls: lambda_min from half its previous size?").
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
         return None
@@ -362,7 +371,9 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
         return None
     if max(sizes.values()) < POLICY.max_growth * min(sizes.values()):
         return None
-    return {e: max(2, s) for e, s in sizes.items()}
+    first = {e: max(2, s) for e, s in sizes.items()}
+    first["min"] = max(first["max"], first["min"] // max(1, POLICY.warm_min_shrink))
+    return first
 
 
 def _excesses(ctx: _Context, end: str, pair: EndPair, est, m: int) -> tuple[float, float]:

@@ -10,7 +10,8 @@ Per checkpoint ``E`` in ``--epochs``:
 * **cold**: ``curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)`` for each seed, default
   tolerances (1 % / 5 %);
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
-  both ends and ``lambda_max`` alone (``which="LA"``);
+  both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
+  of ``POLICY.warm_min_shrink``, side by side) and ``lambda_max`` alone (``which="LA"``);
 * per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
   ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
 * **floors** along the cold seed-0 call's vectors (the returned approximate eigenvectors: the
@@ -38,6 +39,7 @@ Run (1 thread)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
+from curvlab import multilevel
 from curvlab.hvp import HessianOperator
 from experiments.bench_budget import Counter, growing_power
 from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
@@ -129,6 +132,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--strata", type=int, default=None,
                    help="extremes(strata=...) for every call (default: curvlab's)")
+    p.add_argument("--warm-seeds", type=int, default=1,
+                   help="seeds of the warm calls (both ends; seed 0 also lambda_max alone)")
+    p.add_argument("--warm-shrink", default=None,
+                   help="comma-separated POLICY.warm_min_shrink values for the warm calls, side by "
+                        "side (default: curvlab's)")
     args = p.parse_args(argv)
     cache = Path(args.cache)
     data = find_cifar10(args.data)
@@ -166,13 +174,24 @@ def main(argv=None):
             log(f"  (warm start: e{E - 1} call, {prev.cost.hvps * ratio:.1f} epochs)")
             out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
             show_levels(out["warm_start"])
-            for label, kw in (("warm", {}), ("warm LA", {"which": "LA"})):
-                r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=0, init=prev,
-                                     strata=args.strata, **kw)
-                out["calls"].append(row(label, r, ratio, ref))
-                show(out["calls"][-1])
-                show_levels(out["calls"][-1])
-                save(args, report, E, out)
+            shrinks = ([int(k) for k in args.warm_shrink.split(",")] if args.warm_shrink
+                       else [multilevel.POLICY.warm_min_shrink])
+            calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {}) for s in range(args.warm_seeds)]
+            calls.append(("warm LA", 0, {"which": "LA"}))
+            default = multilevel.POLICY
+            for label, seed, kw in calls:
+                for k in shrinks if not kw else shrinks[:1]:  # (lambda_max alone: no split)
+                    multilevel.POLICY = dataclasses.replace(default, warm_min_shrink=k)
+                    try:
+                        r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
+                                             strata=args.strata, **kw)
+                    finally:
+                        multilevel.POLICY = default
+                    name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "")
+                    out["calls"].append(row(name, r, ratio, ref))
+                    show(out["calls"][-1])
+                    show_levels(out["calls"][-1])
+                    save(args, report, E, out)
         if args.baseline:
             counter = Counter()
             t = time.perf_counter()

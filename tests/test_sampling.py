@@ -263,10 +263,11 @@ def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_
     assert top["ends"]["max"]["rayleigh_holdout"] == pytest.approx(want, rel=1e-9)
 
 
-def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem):
+def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeypatch):
     # a previous call that certified lambda_max on 200 samples and lambda_min on 1,000 (at
     # least max_growth apart, both within N/2): the warm call runs lambda_max's levels from
-    # 200 alone, then lambda_min's from 1,000 alone, and both intervals hold the dense truth
+    # 200 alone, then lambda_min's from 1,000 alone (from 500 with POLICY.warm_min_shrink = 2),
+    # and both intervals hold the dense truth
     import dataclasses as dc
     model, X, Y, lmin, lmax, slack = mlp_problem
     kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
@@ -280,6 +281,14 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem):
     assert all(e == {"min"} for _, e in ends[first_min:]), ends
     for end, truth in (("max", lmax), ("min", lmin)):
         check_end(r2, end, truth, 0.05, slack)
+    from curvlab import multilevel
+    with monkeypatch.context() as mp:
+        mp.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, warm_min_shrink=2))
+        r6 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, **kw)
+    ends = [(lv["sample_size"], set(lv["ends"])) for lv in r6.levels]
+    assert (500, {"min"}) in ends and all(m >= 500 for m, e in ends if "min" in e), ends
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r6, end, truth, 0.05, slack)
     # under a tight budget lambda_max's levels leave lambda_min half of it: both ends come back
     # with a value and an inner side (before the reserve, lambda_min could get nothing)
     r4 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, max_hvps=3, **kw)
