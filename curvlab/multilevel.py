@@ -359,7 +359,7 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     from the smaller one.  Starting ``lambda_min`` lower (at half its size) lets
     its size fall between epochs when less is needed, but a level that falls short
     costs its search and holdout and a noisy prediction for the next one: over
-    three seeds at ``c50k-e15`` and one at ``c50k-e5`` half cost more on average
+    three seeds at ``c50k-e15`` and two at ``c50k-e5`` half cost more on average
     (BENCHMARKS.md, "Warm calls: lambda_min from half its previous size?").
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:

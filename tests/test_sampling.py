@@ -283,7 +283,7 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeyp
         check_end(r2, end, truth, 0.05, slack)
     from curvlab import multilevel
     with monkeypatch.context() as mp:
-        mp.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, warm_min_shrink=2))
+        mp.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_shrink=2))
         r6 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, **kw)
     ends = [(lv["sample_size"], set(lv["ends"])) for lv in r6.levels]
     assert (500, {"min"}) in ends and all(m >= 500 for m, e in ends if "min" in e), ends
