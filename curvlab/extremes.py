@@ -24,7 +24,7 @@ from .curvature import APPROXIMATIONS
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
 from .multilevel import POLICY, _multilevel, _warm_sizes, _warm_split
-from .solve import _attach_approximation, _Context, _exact, _hvp_samples
+from .solve import APPROX_POLICY, _attach_approximation, _Context, _ends_of, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
@@ -199,7 +199,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
              sampling: str = "auto", sample_size: int | None = None, confidence: float = 0.95,
              seed: int = 0, device=None, dtype: torch.dtype | None = None,
              batch_size: int = 256, method: str = "auto", curvature: str = "none",
-             approx_samples: int = 2048, approx_rank: int = 8,
+             approx_samples: int = 2048, approx_rank: int = 1,
              progress: bool = False, callback: Callable[[dict], None] | None = None,
              output_fn: Callable | None = None, input_key=None, target_key=None,
              strata: int | None = None, proxies: Tensor | None = None
@@ -298,18 +298,29 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         curvature: the curvature approximation ``C`` that helps the exact solver:
             ``"none"``, ``"diag"`` (GGN diagonal), ``"ggn"`` (generalised
             Gauss-Newton, exact products, low-rank top part) or ``"kfac"``
-            (Kronecker-factored).  Its top ``approx_rank`` eigenvectors start the
-            Lanczos run for ``lambda_max`` (the Hessian's outliers lie close to
-            the GGN's), and ``(C + delta I)^{-1}`` preconditions a LOBPCG run for
-            ``lambda_min``.  The answer is always the exact Hessian's; only the
-            cost changes, and as measured so far it rises: on a CIFAR ResNet-8
-            every flag cost 1.4-4.9x ``"none"`` with its build counted (BENCHMARKS.md,
-            issue-14 section: Lanczos finds the isolated top in 6-7 products from a
-            random start, and the preconditioned bottom stage costs more than the
-            shared Krylov space).  Keep ``"none"`` unless your own measurement says
-            otherwise.
+            (Kronecker-factored).  Its top ``approx_rank`` eigenvectors join the
+            start of the one Lanczos run that serves both ends (the Hessian's
+            outliers lie close to the Gauss-Newton matrix's top subspace) where
+            ``lambda_max`` has no start of its own (a warm start's or a smaller
+            subsample level's vector is closer); the bottom is left to that Krylov
+            space.  So on a warm start (``init`` with ``vector_max``) no approximation
+            is built: the flag changes nothing there.  K-FAC and the diagonal are built
+            with a Monte-Carlo Fisher (one backward pass per sample) when the loss is
+            softmax cross-entropy.  The answer is always the exact Hessian's; only the
+            cost changes, and the build is counted (``cost.phases["approximation"]``).
+            Measured on a CIFAR ResNet-8 (BENCHMARKS.md, issue 14; build included):
+            ``"kfac"`` costs 0.83-0.91x ``"none"`` for both ends on 512 images and
+            1.0x on 50,000 (where ``lambda_min``'s subsample levels set the cost),
+            0.93-1.05x for ``lambda_max`` alone (its top eigenvector is a useful
+            start; the Monte-Carlo build is half an HVP over ``approx_samples``);
+            ``"diag"`` about 1x (coordinate vectors start nothing); ``"ggn"``
+            1.0-1.8x (finding its top eigenvector takes about as many products as
+            finding the Hessian's).  A ``lambda_min`` search preconditioned by
+            ``(C + delta I)^{-1}`` cost 2-4x ``"none"`` and is off
+            (:data:`curvlab.solve.APPROX_POLICY`).
         approx_samples: samples the approximation is built from.
-        approx_rank: eigenvectors of the approximation used.
+        approx_rank: top eigenvectors of the approximation in the start vector
+            (1: measured as good as 8 for ``"kfac"``, and far cheaper for ``"ggn"``).
         progress: show a progress bar (tqdm) of the products spent.
         callback: called with each solver step's trace entry.
         output_fn: applied to the model's output before ``loss_fn`` (and before
@@ -436,7 +447,11 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             if regime == "multilevel":
                 ctx.strata, ctx.proxies = POLICY.strata if strata is None else strata, proxies
                 _warm_spreads(ctx, init)
-            if curvature != "none":
+            # an approximation is built only where it is used: a start for lambda_max
+            # without a warm-start vector, or the (optional) preconditioned lambda_min route
+            wanted = _ends_of(which)
+            if curvature != "none" and (("max" in wanted and "max" not in v0)
+                                        or ("min" in wanted and APPROX_POLICY.precondition_min)):
                 _attach_approximation(ctx, curvature, approx_samples, approx_rank, init)
             if regime == "exact":
                 ends = _exact(ctx, H, v0)

@@ -59,6 +59,35 @@ a curvature approximation (``approximation``), the float64 probe of the rounding
 (``strata``, :mod:`curvlab.strata`)."""
 
 
+@dataclass
+class ApproxPolicy:
+    """How :func:`curvlab.extremes` uses a curvature approximation (``curvature=``).
+
+    The defaults are what paid on the CNN checkpoints of BENCHMARKS.md (issue 14);
+    the other settings stay for side-by-side measurements.
+
+    Attributes:
+        precondition_min: search ``lambda_min`` by LOBPCG preconditioned with
+            ``(C + delta I)^{-1}`` and a Lanczos run of its own, instead of the Krylov
+            space shared with ``lambda_max``.  Off: calls with it cost 2-4x those
+            without an approximation (the bottom is a cluster of the indefinite part,
+            which a positive semi-definite approximation does not resolve).
+        precondition_rank: eigenpairs of ``C`` that set the preconditioner's shift
+            ``delta`` (the smallest of them), apart from the start vectors' number
+            (``extremes(approx_rank=...)``).
+        fisher: the output-Hessian factor of K-FAC and the diagonal: ``"mc"`` (one
+            sampled label per sample: one backward pass instead of one per output)
+            where the loss is softmax cross-entropy, ``"exact"`` otherwise or when set so.
+    """
+
+    precondition_min: bool = False
+    precondition_rank: int = 8
+    fisher: str = "mc"
+
+
+APPROX_POLICY = ApproxPolicy()
+
+
 def _hvp_samples(cost: Cost) -> float:
     """Per-sample HVP equivalents of a cost counter (statistics count half)."""
     return cost.samples + cost.grad_samples / 2
@@ -140,10 +169,14 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     not at all, and a Krylov space from it alone would settle on that interior
     eigenvalue.  With no start vector, one random vector starts the run.
 
-    Without an approximation: one Lanczos run for both ends.  With one
-    (``ctx.approx``): ``lambda_max`` by Lanczos started from the sum of the
-    approximation's top eigenvectors (and the warm-start vector) plus the random
-    component, ``lambda_min`` by LOBPCG
+    One Lanczos run serves both ends, from the start vectors (summed) plus the random
+    component.  With an approximation (``ctx.approx``), its top eigenvectors join the
+    start when ``lambda_max`` has no start vector of its own (the Hessian's outliers lie
+    close to the Gauss-Newton matrix's top subspace; a vector from a smaller level or the
+    previous call is closer, and a sum would dilute it), and the bottom is left to the
+    same Krylov space.  Only with ``APPROX_POLICY.precondition_min`` (off by default: it
+    cost more than the shared space on every checkpoint measured, BENCHMARKS.md, issue 14) does
+    ``lambda_max`` get its own run and ``lambda_min`` a LOBPCG run
     preconditioned with ``(C + delta I)^{-1}`` (see :func:`_precond_shift`), whose vectors
     then start a Lanczos run with a random row that gives the answer: a preconditioned
     LOBPCG can settle on an interior eigenpair of the Hessian (the preconditioner's basin),
@@ -164,10 +197,14 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
                        **common)
 
     pairs = {"min": (0, 1), "max": (-1, -2)}
-    if ctx.approx is None:
+    if ctx.approx is None or not APPROX_POLICY.precondition_min:
         which = "both" if len(ends) == 2 else ("SA" if ends == ["min"] else "LA")
-        # one Krylov space serves both ends, from the known vectors plus a random one
-        res = run(which, [start[e] for e in ends if e in start], max_matvecs)
+        # one Krylov space serves both ends, from the known vectors (for lambda_max without
+        # one, the approximation's top eigenvectors) plus a random one
+        rows = [start[e] for e in ends if e in start]
+        if ctx.approx is not None and "max" in ends and "max" not in start:
+            rows += list(ctx.approx_vectors.to(op.device, op.dtype))
+        res = run(which, rows, max_matvecs)
         for e in ends:
             out[e] = _pair(res, *pairs[e])
         return out
@@ -233,17 +270,38 @@ def _pair(res, i: int, j: int) -> EndPair:
 
 
 def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
-    """Build the curvature approximation on ``samples`` samples and its top eigenpairs."""
+    """Build the curvature approximation on ``samples`` samples and its top eigenpairs.
+
+    Its top ``rank`` eigenvectors join ``lambda_max``'s start (:func:`_solve_ends`); the
+    preconditioner's shift, used only with ``APPROX_POLICY.precondition_min``, comes from
+    the top ``APPROX_POLICY.precondition_rank``.  K-FAC and the diagonal are built with a
+    Monte-Carlo Fisher (``APPROX_POLICY.fisher``) where the loss is softmax cross-entropy,
+    exactly otherwise.
+    """
     from .curvature import build_curvature
 
     H = ctx.H
     cost = ctx.book(Cost(), "approximation")
-    options = {"max_matvecs": 8 * rank + 20} if name == "ggn" else {}  # keep its own Lanczos cheap
-    approx = build_curvature(name, H.fmodel, H.loss_fn, H.parallel, max_samples=samples,
-                             seed=ctx.seed, cost=cost, **options)
-    rank = min(rank, H.n)
-    values, vectors = approx.top_eigenpairs(rank)
-    ctx.approx, ctx.approx_vectors = approx, vectors
+    pairs = max(rank, APPROX_POLICY.precondition_rank) if APPROX_POLICY.precondition_min else rank
+    pairs = min(pairs, H.n)
+    options = {}
+    if name == "ggn":  # its own Lanczos, kept cheap: a start needs its top vectors roughly
+        options = {"rank": pairs, "max_matvecs": 8 * pairs + 20}
+    if name in ("kfac", "diag"):
+        options = {"fisher": APPROX_POLICY.fisher}
+
+    def build(**extra):
+        return build_curvature(name, H.fmodel, H.loss_fn, H.parallel, max_samples=samples,
+                               seed=ctx.seed, cost=cost, **dict(options, **extra))
+
+    try:
+        approx = build()
+    except ValueError as err:
+        if options.get("fisher") != "mc" or "fisher='mc'" not in str(err):
+            raise
+        approx = build(fisher="exact")  # not softmax cross-entropy: the exact factor
+    values, vectors = approx.top_eigenpairs(pairs)
+    ctx.approx, ctx.approx_vectors = approx, vectors[:min(rank, H.n)]
     ctx.approx_shift = _precond_shift(values, ctx.floor)
 
 

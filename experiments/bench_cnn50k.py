@@ -8,7 +8,8 @@ Hessian is over the 50,000 unaugmented images in eval mode.
 Per checkpoint ``E`` in ``--epochs``:
 
 * **cold**: ``curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)`` for each seed, default
-  tolerances (1 % / 5 %);
+  tolerances (1 % / 5 %); with ``--curvature none,kfac,...`` once per flag (issue 14), and with
+  ``--cold-la`` also ``lambda_max`` alone;
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, side by side) and ``lambda_max`` alone (``which="LA"``);
@@ -137,7 +138,11 @@ def main(argv=None):
     p.add_argument("--warm-shrink", default=None,
                    help="comma-separated POLICY.warm_min_shrink values for the warm calls, side by "
                         "side (default: curvlab's)")
+    p.add_argument("--curvature", default="none",
+                   help="comma-separated extremes(curvature=...) values for the cold calls, side by side")
+    p.add_argument("--cold-la", action="store_true", help="also lambda_max alone (which='LA') cold, per flag")
     args = p.parse_args(argv)
+    flags = args.curvature.split(",")
     cache = Path(args.cache)
     data = find_cifar10(args.data)
     X, Y = make_data(data, BIG, POOL)
@@ -160,14 +165,20 @@ def main(argv=None):
         ref = refs.get(E)
         log(f"c50k-e{E}: train acc {meta['train_acc']:.4f}, HVP/gradient FLOPs {ratio:.2f}, ref {ref}")
         out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
-        first = None
+        first, first_flag = None, None
         for s in range(args.seeds):
-            r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata)
-            first = first or r
-            out["calls"].append(row(f"cold s{s}", r, ratio, ref))
-            show(out["calls"][-1])
-            show_levels(out["calls"][-1])
-            save(args, report, E, out)
+            for flag in flags:
+                for which in ("both", "LA") if args.cold_la else ("both",):
+                    r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
+                                         curvature=flag, which=which)
+                    if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
+                        first, first_flag = r, flag  # the floors' vectors: seed 0's, "none" first
+                    label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (
+                        " LA" if which == "LA" else "")
+                    out["calls"].append(row(label, r, ratio, ref))
+                    show(out["calls"][-1])
+                    show_levels(out["calls"][-1])
+                    save(args, report, E, out)
         if E - 1 >= 1 and not args.cold_only:
             prev_model, _ = load_checkpoint(paths[E - 1])
             prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)

@@ -3,12 +3,15 @@
 The case of the issue: the ResNet-8 (BatchNorm) of ``experiments/bench_floors.py`` fit 10 epochs
 to the first 2,048 CIFAR-10 images at 16x16 (``small``; ``small-fit``: 40 epochs, 100 % train
 accuracy, as a late-training case), the Hessian over the first ``--samples`` (512) of them,
-default tolerances.  Per flag (``none``, ``diag``, ``ggn``, ``kfac`` and, for comparison,
-``kfac`` with the "expand" factorisation of convolutions that was the default before), both
-ends and ``lambda_max`` alone (``which="LA"``): ``cost.hvps`` (full-data HVP equivalents, the
-build included: gradient work at half an HVP), ``cost.phases`` (``approximation`` is the build),
-the values and intervals, and whether each interval holds the reference (``none`` at a tight
-tolerance, ``tol=tol_min=1e-4``, float64).
+default tolerances.  Per flag (``none``, ``diag``, ``ggn``, ``kfac``), per ``approx_rank`` of
+``--ranks`` and per seed of ``--seeds``, both ends and ``lambda_max`` alone (``which="LA"``):
+``cost.hvps`` (full-data HVP equivalents, the build included: gradient work at half an HVP),
+``cost.phases`` (``approximation`` is the build), the values and intervals, and whether each
+interval holds the reference (``none`` at a tight tolerance, ``tol=tol_min=1e-4``, float64).
+Variants, for comparison with what the defaults were before (``--variants``): ``precond``
+(``lambda_min`` by the preconditioned LOBPCG route, ``APPROX_POLICY.precondition_min``) and
+``exact-fisher`` (K-FAC and the diagonal built with the exact Fisher, ten backward passes per
+sample here instead of one).
 
 Run (1 thread)::
 
@@ -25,23 +28,25 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
-import curvlab.curvature.kfac as kfac_module
+import curvlab.solve  # noqa: F401  (APPROX_POLICY)
 from experiments.bench_correctness import small_checkpoint
 from experiments.bench_floors import CASES, load_small_case, log, small_case_parser
 
-FLAGS = ("none", "diag", "ggn", "kfac", "kfac-expand")
+FLAGS = ("none", "diag", "ggn", "kfac")
+VARIANTS = {"default": {}, "precond": dict(precondition_min=True), "exact-fisher": dict(fisher="exact")}
 
 
-def call(model, X, Y, flag: str, which: str) -> dict:
-    name = "kfac" if flag.startswith("kfac") else flag
-    init = kfac_module.KFAC.__init__
-    if flag == "kfac-expand":  # the option is the class's; extremes builds with the default
-        kfac_module.KFAC.__init__ = lambda self, *a, **k: init(self, *a, **dict(k, conv="expand"))
+def call(model, X, Y, flag: str, which: str, rank: int, seed: int, variant: str = "default") -> dict:
+    policy = curvlab.solve.APPROX_POLICY
+    saved = dict(vars(policy))
+    vars(policy).update(VARIANTS[variant])
     try:
-        r = curvlab.extremes(model, F.cross_entropy, (X, Y), curvature=name, which=which, seed=0)
+        r = curvlab.extremes(model, F.cross_entropy, (X, Y), curvature=flag, which=which, seed=seed,
+                             approx_rank=rank)
     finally:
-        kfac_module.KFAC.__init__ = init
-    out = dict(flag=flag, which=which, hvps=r.cost.hvps, phases=r.cost.phases, seconds=r.cost.seconds)
+        vars(policy).update(saved)
+    out = dict(flag=flag, variant=variant, rank=rank, seed=seed, which=which, hvps=r.cost.hvps,
+               phases=r.cost.phases, seconds=r.cost.seconds)
     for end in ("max", "min"):
         v = getattr(r, f"lambda_{end}")
         if v is not None and v == v:
@@ -50,10 +55,26 @@ def call(model, X, Y, flag: str, which: str) -> dict:
     return out
 
 
+def configurations(ranks, variants):
+    """``(flag, rank, variant)``: ``none`` once, each approximation per rank, the variants at rank 1."""
+    yield "none", 1, "default"
+    for flag in FLAGS[1:]:
+        for rank in ranks:
+            yield flag, rank, "default"
+        for variant in variants:
+            if variant == "precond" or (variant == "exact-fisher" and flag != "ggn"):
+                yield flag, ranks[0], variant
+
+
 def main(argv=None):
     p = small_case_parser(__doc__)
     p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--ranks", default="1,8", help="approx_rank values (the first also for the variants)")
+    p.add_argument("--variants", default="precond,exact-fisher")
     args = p.parse_args(argv)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
     cache, data, X, Y = load_small_case(args)
     X, Y = X[:args.samples], Y[:args.samples]
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(), cases={})
@@ -62,23 +83,34 @@ def main(argv=None):
         ref = curvlab.extremes(model, F.cross_entropy, (X, Y), tol=1e-4, tol_min=1e-4, dtype=torch.float64,
                                sampling="exact", seed=1)
         out = dict(train_acc=meta["train_acc"], ref=dict(max=ref.lambda_max, min=ref.lambda_min,
-                                                         hvps=ref.cost.hvps), calls=[])
+                                                         hvps=ref.cost.hvps), calls=[], summary=[])
+        report["cases"][case] = out
         log(f"{case} (train acc {meta['train_acc']:.3f}): reference max {ref.lambda_max:.6g} "
             f"min {ref.lambda_min:.6g} ({ref.cost.hvps:.0f} HVPs)")
         for which in ("both", "LA"):
-            for flag in FLAGS:
-                d = call(model, X, Y, flag, which)
-                for end in ("max", "min"):
-                    if end in d:
-                        lo, hi = d[end]["interval"]
-                        lam = out["ref"][end]
-                        d[end].update(rel_err=abs(d[end]["value"] - lam) / abs(lam), holds=bool(lo <= lam <= hi))
-                out["calls"].append(d)
-                ends = "; ".join(f"{e} {d[e]['value']:.5g} err {100 * d[e]['rel_err']:.2f} % holds={d[e]['holds']}"
-                                 for e in ("max", "min") if e in d)
-                log(f"  {which:>4} {flag:>11}: {d['hvps']:6.1f} HVPs (" + ", ".join(
-                    f"{k} {v:.1f}" for k, v in d["phases"].items()) + f"), {d['seconds']:.0f} s | {ends}")
-                report["cases"][case] = out
+            for flag, rank, variant in configurations(ranks, variants):
+                calls = []
+                for seed in range(args.seeds):
+                    d = call(model, X, Y, flag, which, rank, seed, variant)
+                    for end in ("max", "min"):
+                        if end in d:
+                            lo, hi = d[end]["interval"]
+                            lam = out["ref"][end]
+                            d[end].update(rel_err=abs(d[end]["value"] - lam) / abs(lam),
+                                          holds=bool(lo <= lam <= hi))
+                    calls.append(d)
+                out["calls"] += calls
+                hv = [d["hvps"] for d in calls]
+                build = [d["phases"].get("approximation", 0.0) for d in calls]
+                errs = {e: max(d[e]["rel_err"] for d in calls) for e in ("max", "min") if e in calls[0]}
+                holds = all(d[e]["holds"] for d in calls for e in errs)
+                summary = dict(which=which, flag=flag, rank=rank, variant=variant, mean_hvps=sum(hv) / len(hv),
+                               min_hvps=min(hv), max_hvps=max(hv), mean_build=sum(build) / len(build),
+                               max_rel_err=errs, all_hold=holds)
+                out["summary"].append(summary)
+                log(f"  {which:>4} {flag:>4} rank {rank} {variant:>12}: mean {summary['mean_hvps']:6.1f} HVPs "
+                    f"({min(hv):.1f}-{max(hv):.1f}; build {summary['mean_build']:.1f}) | max error "
+                    + ", ".join(f"{e} {100 * v:.2f} %" for e, v in errs.items()) + f" | all hold: {holds}")
                 if args.json:
                     Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -129,7 +129,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     arg(g, "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g = p.add_argument_group("Hessian extremes (curvlab.extremes)")
     arg(g, "--curvature", default="none", choices=curvlab.CURVATURES,
-                   help="curvature approximation that starts/preconditions the solver")
+                   help="curvature approximation whose top eigenvector starts the solver")
     arg(g, "--extremes-every", type=int, default=1, help="compute them after every K-th epoch")
     arg(g, "--extremes-subset", type=int, default=None,
                    help="Hessian of the loss over the first M training images (default: all)")

@@ -616,3 +616,40 @@ def test_bad_options_raise():
         GGN(fm, F.cross_entropy, (X, Y), max_samples=0)
     with pytest.raises(TypeError):
         build_curvature("ggn", fm, F.cross_entropy, (X, Y), fisher="exact")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_diagonal_from_a_factor_with_fewer_columns_than_outputs(monkeypatch, name):
+    # fisher="mc" gives S_d with r = mc_samples < c columns: the diagonal is then made from
+    # r per-sample backward passes (rows of S_d^T J_d) instead of the c-row Jacobian;
+    # checked against (1/m) sum_d sum_r (S_d[:, r]^T J_d)^2 from dense per-sample Jacobians
+    # with the same factor, and its cost is r gradients per sample
+    import curvlab.curvature.diag as diag_module
+    make, shape = PROBLEMS[name]
+    model = make()
+    X, Y = torch.randn(11, *shape, dtype=torch.float64), torch.randint(0, 3, (11,))
+    g = torch.Generator().manual_seed(5)
+    S = torch.randn(11, 3, 2, generator=g, dtype=torch.float64)
+    seen = []
+
+    def fixed(loss_fn, out, y, **kw):
+        lo = sum(seen)
+        seen.append(out.shape[0])
+        return S[lo:lo + out.shape[0]]
+
+    monkeypatch.setattr(diag_module, "output_hessian_sqrt", fixed)
+    cost = Cost()
+    d = Diagonal(FunctionalModel(model), F.cross_entropy, batches(X, Y), method="exact", fisher="mc",
+                 mc_samples=2, cost=cost).diagonal
+    fm = FunctionalModel(model)
+    p0 = fm.spec.flatten(fm.params)
+    J = vmap(jacrev(lambda p, x: fm(fm.spec.unflatten(p), x[None])[0].reshape(-1)), in_dims=(None, 0))(p0, X)
+    want = torch.einsum("bcr,bcp->brp", S, J).square().sum(1).mean(0)
+    assert torch.allclose(d, want.clamp_min(0), rtol=1e-10, atol=1e-12)
+    assert cost.grad_samples == 2 * 11
+
+
+def test_diagonal_mc_fisher_with_a_non_ce_loss_raises():
+    X, Y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fisher='mc'.*softmax cross-entropy"):
+        Diagonal(FunctionalModel(mlp()), F.mse_loss, (X, Y), method="exact", fisher="mc")

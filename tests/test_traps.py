@@ -84,10 +84,14 @@ class _TrapApproximation:
         return (V @ self.u)[:, None] * self.u[None] + 1e-4 * V
 
 
+@pytest.mark.parametrize("precondition", [True, False])
 @pytest.mark.parametrize("warm", [False, True])
-def test_a_preconditioner_with_an_interior_basin_does_not_change_the_answer(cluster, monkeypatch, warm):
+def test_a_preconditioner_with_an_interior_basin_does_not_change_the_answer(cluster, monkeypatch, warm,
+                                                                            precondition):
     # before, LOBPCG settled on the interior eigenvalue -0.774 with converged_min=True,
-    # from random starts and (exactly) from a warm start on that eigenvector
+    # from random starts and (exactly) from a warm start on that eigenvector; the
+    # preconditioned lambda_min route is off by default (APPROX_POLICY), on here
+    monkeypatch.setattr(curvlab.solve.APPROX_POLICY, "precondition_min", precondition)
     model, data, w, U = cluster
     u = U[:, 5].clone()
     monkeypatch.setattr(curvlab.curvature, "build_curvature",
