@@ -320,7 +320,9 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             (:data:`curvlab.solve.APPROX_POLICY`).
         approx_samples: samples the approximation is built from.
         approx_rank: top eigenvectors of the approximation in the start vector
-            (1: measured as good as 8 for ``"kfac"``, and far cheaper for ``"ggn"``).
+            (1: for ``"kfac"`` within the seeds' scatter of 8, 18.9 against 21.9 and 45.5
+            against 44.5 HVPs, and far cheaper for ``"ggn"``, whose build finds that many
+            eigenpairs).
         progress: show a progress bar (tqdm) of the products spent.
         callback: called with each solver step's trace entry.
         output_fn: applied to the model's output before ``loss_fn`` (and before

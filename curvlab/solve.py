@@ -3,7 +3,8 @@
 * :class:`_Context`: the full operator, tolerances, budget and trace of one call;
 * :func:`_solve_ends`: extreme Ritz pairs of an operator (all data or a subsample)
   for the wanted ends, each with its guard pair, from a start with a random
-  component; with a curvature approximation, its starts and preconditioner;
+  component; with a curvature approximation, its start vectors (and, optionally,
+  its preconditioner: :class:`ApproxPolicy`);
 * :func:`_exact`: all-data Lanczos and its intervals (Courant-Fischer, residual
   norms, the working precision's measured rounding).
 
@@ -77,7 +78,9 @@ class ApproxPolicy:
             (``extremes(approx_rank=...)``).
         fisher: the output-Hessian factor of K-FAC and the diagonal: ``"mc"`` (one
             sampled label per sample: one backward pass instead of one per output)
-            where the loss is softmax cross-entropy, ``"exact"`` otherwise or when set so.
+            where the loss is softmax cross-entropy with class-index targets, ``"exact"``
+            otherwise, in a torch.distributed job (every rank must build the same way),
+            or when set so.
     """
 
     precondition_min: bool = False
@@ -280,15 +283,20 @@ def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, ini
     """
     from .curvature import build_curvature
 
+    from .curvature.base import MonteCarloFisherUnsupported
+
     H = ctx.H
     cost = ctx.book(Cost(), "approximation")
-    pairs = max(rank, APPROX_POLICY.precondition_rank) if APPROX_POLICY.precondition_min else rank
-    pairs = min(pairs, H.n)
+    precondition = APPROX_POLICY.precondition_min and "min" in _ends_of(ctx.which)
+    pairs = min(max(rank, APPROX_POLICY.precondition_rank) if precondition else rank, H.n)
     options = {}
     if name == "ggn":  # its own Lanczos, kept cheap: a start needs its top vectors roughly
         options = {"rank": pairs, "max_matvecs": 8 * pairs + 20}
-    if name in ("kfac", "diag"):
-        options = {"fisher": APPROX_POLICY.fisher}
+    elif name in ("kfac", "diag"):
+        # in a torch.distributed job the exact factor: every rank must take the same branch,
+        # and a rank may hold none of the build's batches (it could not check the loss)
+        parallel = getattr(H.parallel, "enabled", False) and H.parallel.world_size > 1
+        options = {"fisher": "exact" if parallel else APPROX_POLICY.fisher}
 
     def build(**extra):
         return build_curvature(name, H.fmodel, H.loss_fn, H.parallel, max_samples=samples,
@@ -296,13 +304,11 @@ def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, ini
 
     try:
         approx = build()
-    except ValueError as err:
-        if options.get("fisher") != "mc" or "fisher='mc'" not in str(err):
-            raise
+    except MonteCarloFisherUnsupported:
         approx = build(fisher="exact")  # not softmax cross-entropy: the exact factor
     values, vectors = approx.top_eigenpairs(pairs)
     ctx.approx, ctx.approx_vectors = approx, vectors[:min(rank, H.n)]
-    ctx.approx_shift = _precond_shift(values, ctx.floor)
+    ctx.approx_shift = _precond_shift(values[:min(APPROX_POLICY.precondition_rank, pairs)], ctx.floor)
 
 
 def _precond_shift(values: Tensor, floor: float) -> float:

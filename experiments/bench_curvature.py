@@ -18,16 +18,17 @@ mode (BatchNorm running statistics), as in :func:`curvlab.extremes`.
 
    * ``none``: one Lanczos run serves both ends, so both counts come from the same
      run (the ``both`` column is the larger of the two).
-   * ``diag``/``ggn``/``kfac``: ``lambda_max`` by Lanczos started from the
-     approximation's top ``--rank`` eigenvectors, then ``lambda_min`` by LOBPCG
-     preconditioned with ``(C + delta I)^{-1}``; the ``lambda_min`` count is the
-     LOBPCG phase's own (products since the ``lambda_max`` phase ended) and the
-     ``both`` column is the sum.
+   * ``diag``/``ggn``/``kfac``: the same shared run, started from the
+     approximation's top ``--rank`` eigenvectors (curvlab's default since issue 14);
+     only with ``curvlab.solve.APPROX_POLICY.precondition_min`` set, ``lambda_max``
+     by its own Lanczos run and then ``lambda_min`` by LOBPCG preconditioned with
+     ``(C + delta I)^{-1}``: the ``lambda_min`` count is then the LOBPCG phase's own
+     (products since the ``lambda_max`` phase ended) and the ``both`` column the sum.
 3. Building the approximation is timed separately (``build_curvature`` +
-   ``top_eigenpairs(rank)`` on the same data).  Its data work is *not* counted
-   in ``cost.hvps`` (which counts exact-Hessian products only); for ``ggn`` the
-   top eigenpairs take a Lanczos run on GGN products, each about as costly as an
-   HVP, reported as "GGN products".
+   ``top_eigenpairs(rank)`` on the same data, with the Fisher ``extremes`` uses).
+   Its data work is also in ``cost.hvps`` (since issue 14, gradient work at half an
+   HVP); for ``ggn`` the top eigenpairs take a Lanczos run on GGN products, each
+   about as costly as an HVP, reported as "GGN products".
 
 Run: ``python -m experiments.bench_curvature [--data PATH] [--samples 2000] [--json OUT]``.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 
@@ -113,7 +113,7 @@ def run_curvature(model, X, Y, name: str, ref_max: float, ref_min: float, args) 
                          tol=args.tol, tol_min=args.tol_min, floor=0.0, max_hvps=args.max_hvps,
                          approx_samples=len(X), approx_rank=args.rank, batch_size=args.batch_size,
                          callback=callback)
-    if name == "none":
+    if name == "none" or not curvlab.solve.APPROX_POLICY.precondition_min:  # one shared run
         hit_max = first_within(trace, "lambda_max", ref_max, TARGET_MAX)
         hit_min = first_within(trace, "lambda_min", ref_min, TARGET_MIN)
         both = None if hit_max is None or hit_min is None else max(hit_max[0], hit_min[0])
@@ -145,7 +145,9 @@ def time_build(model, X, Y, name: str, rank: int, batch_size: int) -> dict:
         H = HessianOperator(None, F.cross_entropy, (X, Y), batch_size=batch_size, fmodel=fmodel)
         cost = Cost()
         t = time.perf_counter()
-        C = build_curvature(name, fmodel, F.cross_entropy, H.batches, max_samples=len(X), cost=cost)
+        fisher = {"fisher": curvlab.solve.APPROX_POLICY.fisher} if name in ("kfac", "diag") else {}
+        C = build_curvature(name, fmodel, F.cross_entropy, H.batches, max_samples=len(X), cost=cost,
+                            **fisher)
         t_build = time.perf_counter() - t
         values, _ = C.top_eigenpairs(rank)
         seconds = time.perf_counter() - t
@@ -170,7 +172,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--curvatures", default=",".join(CURVATURES))
-    p.add_argument("--rank", type=int, default=8, help="approx_rank")
+    p.add_argument("--rank", type=int, default=1, help="approx_rank")
     p.add_argument("--tol", type=float, default=1e-4, help="residual tolerance of the timed runs, lambda_max")
     p.add_argument("--tol-min", type=float, default=1e-2, help="the same for lambda_min (relative to |lambda_min|)")
     p.add_argument("--max-hvps", type=float, default=200)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
-import curvlab.solve  # noqa: F401  (APPROX_POLICY)
+import curvlab.solve
 from experiments.bench_correctness import small_checkpoint
 from experiments.bench_floors import CASES, load_small_case, log, small_case_parser
 

@@ -423,10 +423,22 @@ def test_kfac_falls_back_to_the_exact_fisher_for_other_losses(monkeypatch):
     model = tiny_mlp()
     X, Y = classification_data(30, (5,))
     T = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for loss, target, fisher in ((F.cross_entropy, Y, "mc"), (F.mse_loss, T, "exact")):
-        r = curvlab.extremes(model, loss, (X, target), curvature="kfac", batch_size=8, **TIGHT)
-        assert built[-1].fisher == fisher
-        _check_against_dense(r, dense_hessian(model, loss, X, target), **TIGHT)
+    wide = torch.randint(0, 7, (30,), generator=torch.Generator().manual_seed(3))  # not classes of 3
+
+    def first_output(out, y):  # integer targets, not cross-entropy
+        return ((out[:, 0] - y.to(out.dtype)) ** 2).mean()
+
+    def doubled(out, y):  # class-index targets, cross-entropy times two
+        return 2 * F.cross_entropy(out, y)
+
+    cases = ((F.cross_entropy, Y, "mc"), (F.mse_loss, T, "exact"), (first_output, wide, "exact"),
+             (doubled, Y, "exact"))
+    for name in ("kfac", "diag"):
+        for loss, target, fisher in cases:
+            built.clear()
+            r = curvlab.extremes(model, loss, (X, target), curvature=name, batch_size=8, **TIGHT)
+            assert built[-1].fisher == fisher
+            _check_against_dense(r, dense_hessian(model, loss, X, target), **TIGHT)
 
 
 def test_kfac_on_a_model_without_supported_layers_says_so():

@@ -76,11 +76,13 @@ class _TrapApproximation:
 
     def __init__(self, w, U, u):
         self.w, self.U, self.u = w, U, u
+        self.inverses = 0
 
     def top_eigenpairs(self, rank):
         return self.w[-rank:].flip(0), self.U[:, -rank:].flip(1).T.contiguous()
 
     def inverse(self, V, delta):
+        self.inverses += 1
         return (V @ self.u)[:, None] * self.u[None] + 1e-4 * V
 
 
@@ -90,12 +92,15 @@ def test_a_preconditioner_with_an_interior_basin_does_not_change_the_answer(clus
                                                                             precondition):
     # before, LOBPCG settled on the interior eigenvalue -0.774 with converged_min=True,
     # from random starts and (exactly) from a warm start on that eigenvector; the
-    # preconditioned lambda_min route is off by default (APPROX_POLICY), on here
+    # preconditioned lambda_min route is off by default (APPROX_POLICY): then the trap's
+    # preconditioner is never applied (its top vectors may still start lambda_max), and on
+    # a warm start nothing is built at all
     monkeypatch.setattr(curvlab.solve.APPROX_POLICY, "precondition_min", precondition)
     model, data, w, U = cluster
     u = U[:, 5].clone()
+    built = []
     monkeypatch.setattr(curvlab.curvature, "build_curvature",
-                        lambda *args, **kwargs: _TrapApproximation(w, U, u))
+                        lambda *args, **kwargs: built.append(_TrapApproximation(w, U, u)) or built[-1])
     init = None
     if warm:
         init = replace(curvlab.extremes(model, mean_loss, data, batch_size=4), vector_min=u)
@@ -105,6 +110,8 @@ def test_a_preconditioner_with_an_interior_basin_does_not_change_the_answer(clus
             assert getattr(r, f"converged_{end}")
             assert _holds(r, end, truth, _dense_error(w))
             assert abs(getattr(r, f"lambda_{end}") - truth) <= tol * abs(truth)
+    assert len(built) == (3 if precondition or not warm else 0)
+    assert all((a.inverses > 0) == precondition for a in built)
 
 
 def test_float32_intervals_carry_the_rounding_of_the_products():
@@ -203,8 +210,12 @@ def test_a_model_that_cannot_run_in_float64_gets_the_a_priori_rounding_bound():
     assert r.options["rounding"] == "measured"
 
 
-def test_a_one_parameter_model_with_a_curvature_flag():
-    # one parameter: the Hessian is 1 x 1, no guard pair exists (k = 2 used to reach LOBPCG)
+@pytest.mark.parametrize("precondition", [False, True])
+def test_a_one_parameter_model_with_a_curvature_flag(monkeypatch, precondition):
+    # one parameter: the Hessian is 1 x 1, no guard pair exists (k = 2 used to reach LOBPCG,
+    # the route APPROX_POLICY.precondition_min turns on); the loss is not cross-entropy, so
+    # the diagonal falls back to the exact Fisher
+    monkeypatch.setattr(curvlab.solve.APPROX_POLICY, "precondition_min", precondition)
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1, bias=False).double()
     X, Y = torch.randn(20, 1, dtype=torch.float64), torch.randn(20, dtype=torch.float64)

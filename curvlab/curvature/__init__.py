@@ -55,7 +55,8 @@ def build_curvature(name: str, fmodel: FunctionalModel, loss_fn: Callable, batch
         cost: a :class:`~curvlab.hvp.Cost` the work is added to (``grad_samples``, ``seconds``).
         **options: passed to the class: :class:`GGN` (``method``, ``rank``, ``tol``,
             ``max_matvecs``), :class:`KFAC` (``fisher``, ``mc_samples``, ``diag_method``,
-            ``probes``, ``conv``), :class:`Diagonal` (``method``, ``probes``).
+            ``probes``, ``conv``), :class:`Diagonal` (``method``, ``probes``, ``fisher``,
+            ``mc_samples``).
 
     Raises:
         ValueError: ``name`` is not one of :data:`APPROXIMATIONS`.

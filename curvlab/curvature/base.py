@@ -316,24 +316,35 @@ def output_hessian_sqrt(loss_fn: Callable, out: Tensor, y, *, fisher: str = "exa
     return Q * lam.clamp_min(0).sqrt()[:, None, :]
 
 
-def check_cross_entropy(loss_fn: Callable, out: Tensor, y, index: int = 0) -> None:
-    """Raise unless ``loss_fn`` is softmax cross-entropy with class-index targets.
+class MonteCarloFisherUnsupported(ValueError):
+    """``fisher="mc"`` was asked for a loss that is not softmax cross-entropy with class-index
+    targets (:func:`check_cross_entropy`); ``fisher="exact"`` works for any per-sample loss."""
 
-    Checked by value on the batch: ``loss_fn(out, y)`` must equal
-    ``F.cross_entropy(out, y)`` (so wrappers of it pass; weights, label
-    smoothing or other losses do not).
+
+def check_cross_entropy(loss_fn: Callable, out: Tensor, y, index: int = 0) -> None:
+    """Raise :class:`MonteCarloFisherUnsupported` unless ``loss_fn`` is softmax cross-entropy
+    with class-index targets.
+
+    Checked by value on the batch: the targets must be class indices in ``[0, c)`` (or
+    cross-entropy's ``ignore_index``, -100) and ``loss_fn(out, y)`` must equal
+    ``F.cross_entropy(out, y)`` (so wrappers of it pass; weights, label smoothing or
+    other losses do not).
     """
     what = ("fisher='mc' samples labels from the model's softmax and supports only softmax "
             "cross-entropy (F.cross_entropy / nn.CrossEntropyLoss without class weights or label "
             "smoothing); use fisher='exact', which works for any per-sample loss")
     if out.dim() != 2 or not isinstance(y, Tensor) or y.dim() != 1 or y.is_floating_point():
-        raise ValueError(f"{what}; got outputs of shape {tuple(out.shape)} and targets that are "
-                         "not class indices")
+        raise MonteCarloFisherUnsupported(f"{what}; got outputs of shape {tuple(out.shape)} and "
+                                          "targets that are not class indices")
+    valid = ((y >= 0) & (y < out.shape[1])) | (y == -100)
+    if not bool(valid.all()):
+        raise MonteCarloFisherUnsupported(f"{what}; batch {index} has targets outside the "
+                                          f"{out.shape[1]} classes of the output")
     ref = F.cross_entropy(out, y)
     val = loss_fn(out, y)
     tol = math.sqrt(torch.finfo(out.dtype).eps) * max(1.0, float(ref.abs()))
     if not isinstance(val, Tensor) or val.dim() != 0 or abs(float(val) - float(ref)) > tol:
-        raise ValueError(f"{what}; loss_fn differs from F.cross_entropy on batch {index}")
+        raise MonteCarloFisherUnsupported(f"{what}; loss_fn differs from F.cross_entropy on batch {index}")
 
 
 class Timer:

@@ -25,7 +25,8 @@ gradients" ``S_d^T J_d``.  Two ways to get it:
     products over the data; the estimate is unbiased, with variance
     ``sum_{q != p} G_pq^2`` per entry and probe.
 ``"auto"``
-    ``"exact"`` when ``c <= probes`` (it is then cheaper *and* exact), else
+    ``"exact"`` when its backward passes per sample (``c``, or ``mc_samples`` with
+    ``fisher="mc"``) are at most ``probes`` (it is then cheaper *and* exact), else
     ``"hutchinson"``.
 
 :class:`Diagonal` is the approximation ``C = diag(G)``; :func:`ggn_diagonal`
@@ -107,13 +108,21 @@ def ggn_diagonal(fmodel: FunctionalModel, loss_fn: Callable, data, names: Sequen
     scratch = Cost()
     loop = approximation_loop(fmodel, loss_fn, data, None, scratch)
     if method == "auto":
-        method = "exact" if _output_size(loop) <= probes else "hutchinson"
+        method = _auto_method(loop, probes, fisher, mc_samples)
     if method == "exact":
         out = _exact_diagonal(loop, names, fisher, mc_samples, seed)
     else:
         out = _hutchinson_diagonal(loop, names, probes, seed)
     absorb(cost, scratch)
     return out
+
+
+def _auto_method(loop: DataLoop, probes: int, fisher: str, mc_samples: int) -> str:
+    """``"exact"`` when its backward passes per sample (the factor's columns: ``c``, or
+    ``mc_samples`` for a Monte-Carlo Fisher) are at most ``probes``, else ``"hutchinson"``."""
+    if fisher == "mc" and mc_samples <= probes:
+        return "exact"
+    return "exact" if _output_size(loop) <= probes else "hutchinson"
 
 
 def _exact_diagonal(loop: DataLoop, names, fisher, mc_samples, seed):
@@ -240,14 +249,17 @@ class Diagonal(CurvatureApprox):
             raise ValueError(f"method must be one of {DIAG_METHODS}, got {method!r}")
         if fisher not in ("exact", "mc"):
             raise ValueError(f"fisher must be 'exact' or 'mc', got {fisher!r}")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         self.fmodel = fmodel
+        self.fisher = fisher
         self.cost = cost if cost is not None else Cost()
         scratch = Cost()
         with Timer(self.cost):
             self.loop = loop = approximation_loop(fmodel, loss_fn, batches, max_samples, scratch)
             self.num_samples = loop.num_samples
             if method == "auto":
-                method = "exact" if _output_size(loop) <= probes else "hutchinson"
+                method = _auto_method(loop, probes, fisher, mc_samples)
             self.method = method
             d = ggn_diagonal(fmodel, loss_fn, loop, fmodel.spec.names, method=method,
                              probes=probes, seed=seed, fisher=fisher, mc_samples=mc_samples,
