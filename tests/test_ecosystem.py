@@ -11,7 +11,7 @@ from torch.func import hessian, vmap
 import curvlab
 from curvlab.curvature import build_curvature
 from curvlab.functional import FunctionalModel, hvp, loss_hvp, unflatten
-from curvlab.hvp import HessianOperator, to_scipy
+from curvlab.hvp import HessianOperator
 
 from conftest import D, classification_data, dense_hessian, quadratic_problem, tiny_cnn_bn, tiny_mlp, mean_loss
 

@@ -8,7 +8,6 @@ leaves four orders of margin yet catches any wrong weight or missing term.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from curvlab import HessianOperator
 from curvlab.hvp import Cost

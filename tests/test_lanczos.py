@@ -156,8 +156,6 @@ def test_wide_start_block_from_an_approximate_subspace():
 def test_one_solver_contract():
     # lanczos and lobpcg take the start block as X0, a tolerance per end, a budget in
     # products, and return the same result type; lanczos's former v0 still works and warns
-    import warnings
-
     from curvlab.lanczos import EigenResult, LanczosResult
     from curvlab.lobpcg import lobpcg
 

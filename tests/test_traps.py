@@ -199,7 +199,7 @@ def test_a_model_that_cannot_run_in_float64_gets_the_a_priori_rounding_bound():
     # the rounding probe compares float32 products with float64 ones; a model that cannot
     # run in float64 must not make the whole call fail after its products were spent
     import torch.nn.functional as F
-    from conftest import classification_data, dense_hessian
+    from conftest import classification_data
 
     model = _Float32Only()
     X, Y = classification_data(30, (5,))
