@@ -24,7 +24,7 @@ from .curvature import APPROXIMATIONS
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
 from .multilevel import POLICY, _multilevel, _warm_sizes, _warm_split
-from .solve import APPROX_POLICY, _attach_approximation, _Context, _ends_of, _exact, _hvp_samples
+from .solve import _approximation_used, _attach_approximation, _Context, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
 
@@ -449,11 +449,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             if regime == "multilevel":
                 ctx.strata, ctx.proxies = POLICY.strata if strata is None else strata, proxies
                 _warm_spreads(ctx, init)
-            # an approximation is built only where it is used: a start for lambda_max
-            # without a warm-start vector, or the (optional) preconditioned lambda_min route
-            wanted = _ends_of(which)
-            if curvature != "none" and (("max" in wanted and "max" not in v0)
-                                        or ("min" in wanted and APPROX_POLICY.precondition_min)):
+            if curvature != "none" and _approximation_used(which, v0):
                 _attach_approximation(ctx, curvature, approx_samples, approx_rank, init)
             if regime == "exact":
                 ends = _exact(ctx, H, v0)

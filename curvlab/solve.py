@@ -272,6 +272,15 @@ def _pair(res, i: int, j: int) -> EndPair:
     return EndPair(float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, guard)
 
 
+def _approximation_used(which: str, warm: dict) -> bool:
+    """Whether :func:`_solve_ends` would use a curvature approximation in a call for ``which``
+    with warm-start vectors ``warm`` (``{end: vector}``): as ``lambda_max``'s start when it
+    has none of its own, or as ``lambda_min``'s preconditioner under
+    ``APPROX_POLICY.precondition_min``.  Where it would not, it is not built."""
+    ends = _ends_of(which)
+    return ("max" in ends and "max" not in warm) or ("min" in ends and APPROX_POLICY.precondition_min)
+
+
 def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
     """Build the curvature approximation on ``samples`` samples and its top eigenpairs.
 
@@ -282,7 +291,6 @@ def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, ini
     exactly otherwise.
     """
     from .curvature import build_curvature
-
     from .curvature.base import MonteCarloFisherUnsupported
 
     H = ctx.H
