@@ -10,8 +10,8 @@ size is predicted by what one forward pass gives per sample: a *proxy* ``s_d``
 an unbiased estimate and a standard error:
 
 * **stratified** (:func:`proxy_strata`, :func:`neyman_allocation`,
-  :func:`stratified_draw`, :func:`stratified_mean`): strata of equal size by the
-  proxy's quantiles, samples drawn without replacement within each, allocated
+  :func:`stratified_draw`, :func:`stratified_mean`): strata by the proxy's
+  quantiles (of equal size, or cut where Neyman allocation gains most), samples drawn without replacement within each, allocated
   in proportion to ``N_h S_h`` (Neyman; ``S_h`` a stratum's spread, e.g. the
   previous call's) with a floor per stratum;
 * **importance** (:func:`defensive_probabilities`, :func:`importance_mean`):
@@ -59,14 +59,76 @@ def _check_1d(name: str, x: Tensor) -> Tensor:
 
 # -- stratified sampling ----------------------------------------------------------------
 
-def proxy_strata(proxy: Tensor, strata: int) -> List[Tensor]:
-    """The sample indices of ``strata`` strata of (nearly) equal size by ``proxy``'s quantiles,
-    lowest proxy first (ties broken by index, so the strata are reproducible)."""
+def proxy_strata(proxy: Tensor, strata: int, *, cut: str = "equal", min_size: int = 1,
+                 grid: int = 512) -> List[Tensor]:
+    """The sample indices of strata by ``proxy``'s quantiles, lowest proxy first (ties broken
+    by index, so the strata are reproducible).
+
+    Args:
+        proxy: ``(N,)`` per-sample proxy of the curvature's size (e.g. the loss).
+        strata: how many strata (``cut="optimal"``: at most).
+        cut: ``"equal"``: strata of (nearly) equal size.  ``"optimal"``: the edges that
+            minimise ``sum_h W_h S_h(proxy)``, the standard error Neyman allocation would
+            give if the curvature were proportional to the proxy (the classical optimal
+            stratification problem, solved exactly over ``grid`` candidate edges at
+            the proxy's quantiles by dynamic programming).  Where a few samples carry
+            most of the proxy (a well-fit network's losses) it cuts them finest; where
+            it is spread, the strata come out nearly equal (BENCHMARKS.md, "Where to cut
+            the strata"); fewer strata where more would not lower it.
+        min_size: the fewest samples of an ``"optimal"`` stratum.
+        grid: candidate edges of ``"optimal"`` (the quantiles ``j / grid``).
+
+    Returns:
+        The strata's index tensors.
+    """
     proxy = _check_1d("proxy", proxy)
-    if isinstance(strata, bool) or not isinstance(strata, int) or not 1 <= strata <= proxy.numel():
-        raise ValueError(f"strata must be an int in [1, {proxy.numel()}], got {strata!r}")
+    N = proxy.numel()
+    if isinstance(strata, bool) or not isinstance(strata, int) or not 1 <= strata <= N:
+        raise ValueError(f"strata must be an int in [1, {N}], got {strata!r}")
     order = torch.sort(proxy, stable=True).indices
-    return list(torch.tensor_split(order, strata))
+    if cut == "equal":
+        return list(torch.tensor_split(order, strata))
+    if cut != "optimal":
+        raise ValueError(f"cut must be 'equal' or 'optimal', got {cut!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"grid must be an int >= 2 (candidate edges), got {grid!r}")
+    return [order[a:b] for a, b in _optimal_edges(proxy[order], strata, max(int(min_size), 1), grid)]
+
+
+def _optimal_edges(s: Tensor, K: int, min_size: int, grid: int) -> List[tuple]:
+    """``[(start, stop), ...]``: at most ``K`` runs of the sorted ``s``, each at least
+    ``min_size`` long (where ``N`` allows), minimising ``sum_h (n_h / N) sd_h(s)``; runs start
+    and stop at the candidate points ``round(j N / grid)``.  Dynamic programming: after step
+    ``k``, ``best[j]`` is the least cost of ``s[:p_j]`` in at most ``k + 1`` runs."""
+    N = s.numel()
+    span = float(s[-1] - s[0])
+    if N < 2 * min_size or K == 1 or not span > 0:
+        return [(0, N)]
+    s = (s - s[0]) / span  # on [0, 1]: the prefix sums of squares cannot overflow (a proxy of 1e300)
+    pts = torch.unique(torch.linspace(0, N, grid + 1, dtype=torch.float64).round().long())
+    c1 = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
+    c2 = torch.cat([s.new_zeros(1), torch.cumsum(s * s, 0)])
+    a, b = pts[:, None], pts[None, :]
+    n = (b - a).double()
+    mean = (c1[b] - c1[a]) / n.clamp(min=1)
+    var = ((c2[b] - c2[a]) / n.clamp(min=1) - mean * mean).clamp(min=0)
+    cost = n / N * var.sqrt()  # (i, j): the run p_i .. p_j
+    cost[(n < min_size) | torch.isnan(cost)] = math.inf
+    best = cost[0].clone()
+    back = []
+    for _ in range(K - 1):
+        total, arg = (best[:, None] + cost).min(0)
+        better = total < best * (1 - 1e-12)  # one more run only where it lowers the cost
+        back.append(torch.where(better, arg, torch.full_like(arg, -1)))
+        best = torch.where(better, total, best)
+    runs, j = [], pts.numel() - 1
+    for step in reversed(back):
+        i = int(step[j])
+        if i >= 0:
+            runs.append((int(pts[i]), int(pts[j])))
+            j = i
+    runs.append((0, int(pts[j])))
+    return runs[::-1]
 
 
 def neyman_allocation(sizes: Sequence[int], spreads: Tensor, total: int, *, minimum: int = 2,

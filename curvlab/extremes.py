@@ -330,9 +330,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             a model returning ``(logits, extra)`` or ``lambda out: out.logits``.
             A model whose output ``loss_fn`` cannot take raises ``TypeError``
             naming ``output_fn``.
-        strata: multilevel regime: the samples are cut into this many strata of equal
-            size by their loss (a well-fit network's curvature sits on its few poorly
-            fit samples), and ``lambda_min`` is sampled stratum by stratum
+        strata: multilevel regime: the samples are cut into at most this many strata
+            by their loss, where Neyman allocation by the loss would gain most (a
+            well-fit network's curvature sits on its few poorly fit samples, so its
+            largest losses are cut finest; on a weakly fit one the strata come out
+            nearly equal; none under ``MultilevelPolicy.stratum_size`` = 32 samples, so
+            fewer than 64 samples are not stratified), and ``lambda_min`` is sampled stratum by stratum
             (:mod:`curvlab.strata`): its holdout always (over the samples outside a
             shared uniform subsample, or from all of each stratum), and, at the levels
             it has to itself (``lambda_max`` certified, or not asked for), its subsample
@@ -517,9 +520,12 @@ def _warm_spreads(ctx: _Context, init) -> None:
     """A warm start's per-stratum spreads along ``lambda_min``'s vector (its last stratified
     level), for the Neyman allocation of this call's first stratified level."""
     for level in reversed(init.levels if init is not None else []):
-        std = tuple(level["ends"].get("min", {}).get("stratum_std", ()))
-        if len(std) > 1:
-            ctx.spreads.setdefault("min", std)
+        end = level["ends"].get("min", {})
+        std = tuple(end.get("stratum_std", ()))
+        if len(std) > 1 and "min" not in ctx.spreads:
+            ctx.spreads["min"] = std
+            if end.get("strata_sizes"):  # (mapped onto this call's strata when they are cut)
+                ctx.spread_sizes["min"] = tuple(end["strata_sizes"])
 
 
 def _progress_bar(progress: bool, total: float):

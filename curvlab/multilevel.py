@@ -18,7 +18,7 @@ from .sampling import (extreme_interval, guard_overturns, holdout_estimate,
                        holdout_size_for, kato_temple_interval, sampling_room, stratified_estimate,
                        subsample_se)
 from .loop import Cost
-from .strata import Design, StratifiedOperator
+from .strata import Design, StratifiedOperator, remap_spreads
 from .solve import EndPair, _Context, _ends_of, _exact, _hvp_samples, _solve_ends
 
 _FORM = _hvp_samples(Cost(grad_samples=1))
@@ -71,6 +71,11 @@ class MultilevelPolicy:
         strata: strata by the per-sample loss for ``lambda_min``'s own levels
             (:mod:`curvlab.strata`; 1: uniform, no forward pass);
             ``extremes(strata=...)`` overrides it.
+        strata_cut, stratum_size: how the strata are cut
+            (:func:`curvlab.estimators.proxy_strata`): ``"optimal"`` (the edges that
+            minimise the Neyman standard error of the loss itself, none under
+            ``stratum_size`` samples) or ``"equal"`` (equal sizes: the rule before
+            BENCHMARKS.md's "Where to cut the strata").
         stratum_min: the fewest subsample draws a stratum gets.
         stratum_holdout, stratum_groups: the fewest holdout samples, and holdout
             groups, a stratum gets (its spread is estimated from its own groups).
@@ -103,6 +108,8 @@ class MultilevelPolicy:
     settle_noise: float = 0.1
     control_variate: bool = True
     strata: int = 8
+    strata_cut: str = "optimal"
+    stratum_size: int = 32
     stratum_min: int = 8
     stratum_holdout: int = 16
     stratum_groups: int = 8
@@ -162,8 +169,10 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     """
     H, N = ctx.H, ctx.H.num_samples
     uniform = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1))
-    spreads = dict(ctx.spreads)  # end -> per-stratum spreads along its vector (Neyman)
     todo = list(ends) if ends is not None else _ends_of(ctx.which)
+    if "min" in todo and "min" in ctx.spread_sizes:
+        _min_design(ctx)  # made now: a warm start's spreads are mapped onto this call's strata
+    spreads = dict(ctx.spreads)  # end -> per-stratum spreads along its vector (Neyman)
     done: dict = dict(known or {})
     last: dict = {}
     sizes: dict = {}
@@ -230,7 +239,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
                                       control_variate=est.control_variate,
                                       kato_temple=kt, accepted=ok,
                                       overturned=end in ctx.overturned,
-                                      stratum_std=est.stratum_std)
+                                      stratum_std=est.stratum_std,
+                                      strata_sizes=list(ctx.design.sizes) if est.stratum_std and ctx.design else [])
             if est.stratum_std and all(math.isfinite(x) for x in est.stratum_std):
                 spreads[end] = est.stratum_std
             # the estimate: the interval's centre (the point whose worst error over the
@@ -277,7 +287,11 @@ def _min_design(ctx: _Context):
     if ctx.design is None:
         H, N = ctx.H, ctx.H.num_samples
         ctx.design = False
+        if POLICY.strata_cut not in ("equal", "optimal"):
+            raise ValueError(f"MultilevelPolicy.strata_cut must be 'equal' or 'optimal', got {POLICY.strata_cut!r}")
         strata = min(int(ctx.strata), N // (2 * POLICY.stratum_min))
+        if POLICY.strata_cut == "optimal" and N < 2 * POLICY.stratum_size:
+            strata = 1  # no two strata of stratum_size: no forward pass either
         proxies = ctx.proxies
         affordable = _FORWARD_PASS <= POLICY.strata_budget * (ctx.max_hvps - ctx.spent())
         if strata > 1 and proxies is None and affordable:
@@ -297,9 +311,22 @@ def _min_design(ctx: _Context):
                 warnings.warn("some per-sample losses are not finite (e.g. samples whose targets "
                               "are all ignored); they are stratified as the largest", RuntimeWarning,
                               stacklevel=4)
-                proxies = torch.nan_to_num(proxies.double(), nan=math.inf).nan_to_num(posinf=1e300)
+                proxies = proxies.double()
+                finite = torch.isfinite(proxies)
+                top = float(proxies[finite].max()) if bool(finite.any()) else 0.0
+                # just above the largest finite loss: their own top stratum, the others' edges kept
+                proxies = torch.where(finite, proxies, torch.full_like(proxies, top + max(abs(top), 1.0)))
         if strata > 1 and proxies is not None:
-            ctx.design = Design.by_proxy(proxies, strata, torch.Generator().manual_seed(ctx.seed + 2))
+            design = Design.by_proxy(proxies, strata, torch.Generator().manual_seed(ctx.seed + 2),
+                                     cut=POLICY.strata_cut, min_size=POLICY.stratum_size)
+            # one stratum (a constant proxy, or too few samples for two): uniform sampling,
+            # from the level's own uniform design (S and its holdout from one order)
+            ctx.design = design if design.stratified else False
+        # a warm start's spreads were measured on its own strata, whose edges move with the
+        # losses: mapped onto these by the quantile bands they cover
+        sizes = ctx.spread_sizes.pop("min", None)
+        if ctx.design and sizes and "min" in ctx.spreads:
+            ctx.spreads["min"] = remap_spreads(ctx.spreads["min"], sizes, ctx.design.sizes)
     return ctx.design or None
 
 

@@ -123,6 +123,7 @@ class _Context:
     proxies: Optional[Tensor] = None  # per-sample values to stratify by (None: the losses)
     design: object = None  # lambda_min's stratified design once made (False: none)
     spreads: dict = field(default_factory=dict)  # end -> per-stratum spreads (a warm start's)
+    spread_sizes: dict = field(default_factory=dict)  # end -> the strata sizes they were measured on
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""

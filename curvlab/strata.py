@@ -4,7 +4,9 @@ A well-fit network's curvature sits on its few poorly fit samples: along an
 extreme eigenvector the per-sample quadratic forms ``q_d = v^T H_d v`` are
 heavy-tailed, and their size is predicted by what one forward pass gives, the
 per-sample loss (BENCHMARKS.md, "Sampling floors by estimator").  So the samples
-are cut into strata of equal size by the loss's quantiles, and a level of
+are cut into strata by the loss's quantiles, where Neyman allocation by the loss
+would gain most (a well-fit network's top few per cent of losses cut finest: "Where
+to cut the strata"), and a level of
 :mod:`curvlab.multilevel` draws its subsample ``S`` and its holdout ``T`` stratum
 by stratum:
 
@@ -37,7 +39,7 @@ from torch import Tensor
 from .estimators import neyman_allocation, proxy_strata
 from .loop import OnParameters
 
-__all__ = ["Design", "StratifiedOperator"]
+__all__ = ["Design", "StratifiedOperator", "remap_spreads"]
 
 
 class Design:
@@ -66,13 +68,18 @@ class Design:
         return cls([torch.randperm(num_samples, generator=generator)])
 
     @classmethod
-    def by_proxy(cls, proxy: Tensor, strata: int, generator: torch.Generator) -> "Design":
-        """``strata`` strata of (nearly) equal size by the quantiles of ``proxy`` ``(N,)``
-        (e.g. the per-sample losses), each with two independent random orders (the
-        subsample's and the holdout's)."""
+    def by_proxy(cls, proxy: Tensor, strata: int, generator: torch.Generator, cut: str = "equal",
+                 min_size: int = 1) -> "Design":
+        """Strata by the quantiles of ``proxy`` ``(N,)`` (e.g. the per-sample losses), each
+        with two independent random orders (the subsample's and the holdout's).
+
+        ``cut``, ``min_size``: as :func:`curvlab.estimators.proxy_strata` cuts them
+        (``"equal"``: ``strata`` strata of nearly equal size; ``"optimal"``: at most
+        ``strata``, where Neyman allocation by the proxy gains most)."""
         # ties (a constant or ordinal proxy) are broken at random, not by the data's order
         shuffle = torch.randperm(proxy.numel(), generator=generator)
-        parts = [shuffle[p] for p in proxy_strata(proxy.detach().cpu()[shuffle], int(strata))]
+        parts = [shuffle[p] for p in proxy_strata(proxy.detach().cpu()[shuffle], int(strata),
+                                                  cut=cut, min_size=min_size)]
         orders = [p[torch.randperm(p.numel(), generator=generator)] for p in parts]
         holdouts = [p[torch.randperm(p.numel(), generator=generator)] for p in parts]
         return cls(orders, holdouts)
@@ -169,6 +176,33 @@ class Design:
         share = torch.tensor([max(a, 1) / n for a, n in zip(alloc, pools)], dtype=torch.float64)
         out = neyman_allocation(pools, share, total, minimum=minimum, spread_floor=0.0)
         return [max(a, d) for a, d in zip(out, done)]
+
+
+def remap_spreads(spreads: Sequence[float], old_sizes: Sequence[int], new_sizes: Sequence[int]) -> tuple:
+    """Per-stratum spreads measured on strata of ``old_sizes`` mapped onto strata of
+    ``new_sizes`` (both cut by a proxy's quantiles, lowest first, e.g. last epoch's losses and
+    this epoch's): each new stratum covers a band of quantiles, and its variance is the mean
+    of the old strata's variances over that band.  ``()`` when ``spreads`` and ``old_sizes``
+    disagree in length.  The spreads only steer the Neyman allocation: the estimates stay
+    unbiased whatever they are."""
+    s = [float(x) for x in spreads]
+    if len(s) != len(old_sizes) or not old_sizes or not new_sizes:
+        return ()
+    if [int(n) for n in old_sizes] == [int(n) for n in new_sizes]:
+        return tuple(s)
+
+    def edges(sizes):
+        total, out, acc = float(sum(sizes)), [0.0], 0.0
+        for n in sizes:
+            acc += n
+            out.append(acc / total)
+        return out
+    a, b = edges(old_sizes), edges(new_sizes)
+    out = []
+    for lo, hi in zip(b, b[1:]):
+        var = sum(max(0.0, min(hi, a1) - max(lo, a0)) * x * x for a0, a1, x in zip(a, a[1:], s))
+        out.append(math.sqrt(var / (hi - lo)) if hi > lo else 0.0)
+    return tuple(out)
 
 
 class StratifiedOperator(OnParameters):

@@ -9,13 +9,15 @@ Per checkpoint ``E`` in ``--epochs``:
 
 * **cold**: ``curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)`` for each seed, default
   tolerances (1 % / 5 %); with ``--curvature none,kfac,...`` once per flag (issue 14), and with
-  ``--cold-la`` also ``lambda_max`` alone;
+  ``--cold-la`` also ``lambda_max`` alone, and with ``--strata-cut equal,optimal`` once per way
+  of cutting ``lambda_min``'s strata (``POLICY.strata_cut``; issue 13);
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
-  of ``POLICY.warm_min_shrink``, side by side) and ``lambda_max`` alone (``which="LA"``);
+  of ``POLICY.warm_min_shrink``, and with ``--strata-cut``, under each cut, side by side) and
+  ``lambda_max`` alone (``which="LA"``);
 * per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
   ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
-* **floors** along the cold seed-0 call's vectors (the returned approximate eigenvectors: the
+* **floors** along the first cold call's vectors (the returned approximate eigenvectors: the
   variance of ``v^T H_d v`` is a property of the direction, and these are within the
   tolerance of the extreme ones): per-sample curvatures over all 50,000 images, the forward
   proxies and the Gauss-Newton control variate, scored as in ``experiments/bench_floors.py``;
@@ -126,6 +128,7 @@ def main(argv=None):
     p.add_argument("--cache", default="runs/cache")
     p.add_argument("--epochs", default="5,15", help="checkpoints (c50k-e{E}; E-1 is the warm start)")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0, help="cold calls use seeds first-seed .. + seeds - 1")
     p.add_argument("--refs", default="", help="E:lambda_min:lambda_max,... (reference values)")
     p.add_argument("--baseline", action="store_true", help="also the growing-batch power method")
     p.add_argument("--no-floors", action="store_true")
@@ -141,8 +144,12 @@ def main(argv=None):
     p.add_argument("--curvature", default="none",
                    help="comma-separated extremes(curvature=...) values for the cold calls, side by side")
     p.add_argument("--cold-la", action="store_true", help="also lambda_max alone (which='LA') cold, per flag")
+    p.add_argument("--strata-cut", default=None,
+                   help="comma-separated POLICY.strata_cut values ('equal', 'optimal') for the cold "
+                        "calls, side by side (default: curvlab's)")
     args = p.parse_args(argv)
     flags = args.curvature.split(",")
+    cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
     cache = Path(args.cache)
     data = find_cifar10(args.data)
     X, Y = make_data(data, BIG, POOL)
@@ -166,15 +173,20 @@ def main(argv=None):
         log(f"c50k-e{E}: train acc {meta['train_acc']:.4f}, HVP/gradient FLOPs {ratio:.2f}, ref {ref}")
         out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
         first, first_flag = None, None
-        for s in range(args.seeds):
-            for flag in flags:
+        for s in range(args.first_seed, args.first_seed + args.seeds):
+            for flag, cut in [(f, c) for f in flags for c in cuts]:
                 for which in ("both", "LA") if args.cold_la else ("both",):
-                    r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
-                                         curvature=flag, which=which)
+                    default = multilevel.POLICY
+                    multilevel.POLICY = dataclasses.replace(default, strata_cut=cut)
+                    try:
+                        r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
+                                             curvature=flag, which=which)
+                    finally:
+                        multilevel.POLICY = default
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
-                        first, first_flag = r, flag  # the floors' vectors: seed 0's, "none" first
+                        first, first_flag = r, flag  # the floors' vectors: the first seed's, "none" first
                     label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (
-                        " LA" if which == "LA" else "")
+                        f" {cut}" if len(cuts) > 1 else "") + (" LA" if which == "LA" else "")
                     out["calls"].append(row(label, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])
@@ -191,14 +203,17 @@ def main(argv=None):
             calls.append(("warm LA", 0, {"which": "LA"}))
             default = multilevel.POLICY
             for label, seed, kw in calls:
-                for k in shrinks if not kw else shrinks[:1]:  # (lambda_max alone: no split)
-                    multilevel.POLICY = dataclasses.replace(default, warm_min_shrink=k)
+                # (lambda_max alone: no split, no strata)
+                for k, cut in [(k, c) for k in (shrinks if not kw else shrinks[:1])
+                               for c in (cuts if not kw else cuts[:1])]:
+                    multilevel.POLICY = dataclasses.replace(default, warm_min_shrink=k, strata_cut=cut)
                     try:
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
                     finally:
                         multilevel.POLICY = default
-                    name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "")
+                    name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
+                        f" {cut}" if len(cuts) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])

@@ -214,6 +214,54 @@ def test_proxy_strata_cover_each_sample_once_in_proxy_order():
         proxy_strata(s, 8)
 
 
+def _neyman_sd(s, parts):
+    """``sum_h W_h sd_h(s)``: what optimal strata minimise."""
+    return sum(len(p) / len(s) * float(s[p].std(unbiased=False)) for p in parts)
+
+
+def test_optimal_strata_are_the_best_cuts_of_the_proxy():
+    g = torch.Generator().manual_seed(0)
+    # small N: the grid holds every cut point, so dynamic programming must match brute force
+    s = torch.empty(40, dtype=D).exponential_(1.0, generator=g) ** 2
+    parts = proxy_strata(s, 3, cut="optimal", min_size=4)
+    assert sorted(torch.cat(parts).tolist()) == list(range(40))
+    assert all(float(s[a].max()) <= float(s[b].min()) for a, b in zip(parts, parts[1:]))
+    assert all(len(p) >= 4 for p in parts) and len(parts) <= 3
+    order = torch.sort(s, stable=True).indices
+    brute = min(_neyman_sd(s, [order[:i], order[i:j], order[j:]])
+                for i in range(4, 37) for j in range(i + 4, 37))
+    assert _neyman_sd(s, parts) == pytest.approx(brute, rel=1e-12)
+    # tied, ordinal values and every K: the least cost over all cuts into at most K runs
+    import itertools
+    for trial in range(20):
+        x = torch.randint(0, 4, (12,), generator=g).to(D)
+        xs = torch.sort(x, stable=True).values
+        for K in (2, 3, 4):
+            got = proxy_strata(x, K, cut="optimal", min_size=2)
+            assert len(got) <= K and all(len(p) >= 2 for p in got)
+            assert sorted(torch.cat(got).tolist()) == list(range(12))
+            want = min(_neyman_sd(xs, [torch.arange(a, b) for a, b in zip((0,) + c, c + (12,))])
+                       for k in range(K) for c in itertools.combinations(range(2, 11), k)
+                       if all(b - a >= 2 for a, b in zip((0,) + c, c + (12,))))
+            assert _neyman_sd(x, got) == pytest.approx(want, abs=1e-12), (x, K)
+    # large N: never worse than equal strata (they are among the candidates: 512 % K == 0),
+    # and far better where a few samples carry most of the proxy, which it cuts finest
+    heavy = torch.where(torch.rand(50000, generator=g, dtype=D) < 0.05, 40.0, 0.5) * \
+        torch.empty(50000, dtype=D).exponential_(1.0, generator=g)
+    for x in (torch.rand(50000, generator=g, dtype=D), heavy):
+        for K in (2, 4, 8):
+            best = proxy_strata(x, K, cut="optimal", min_size=32)
+            assert _neyman_sd(x, best) <= _neyman_sd(x, proxy_strata(x, K)) * (1 + 1e-12)
+    best = proxy_strata(heavy, 8, cut="optimal", min_size=32)
+    assert _neyman_sd(heavy, best) < 0.5 * _neyman_sd(heavy, proxy_strata(heavy, 8))
+    assert len(best) == 8 and min(len(p) for p in best) >= 32 and sum(len(p) for p in best[-4:]) < 0.1 * 50000
+    # a constant proxy: one stratum (more would not lower anything); too few samples: one
+    assert len(proxy_strata(torch.ones(1000, dtype=D), 8, cut="optimal", min_size=32)) == 1
+    assert len(proxy_strata(s, 8, cut="optimal", min_size=32)) == 1
+    with pytest.raises(ValueError, match="optimal"):
+        proxy_strata(s, 3, cut="halving")
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="non-negative"):
         defensive_probabilities(torch.tensor([1.0, -1.0]))
