@@ -128,7 +128,8 @@ def main(argv=None):
     p.add_argument("--cache", default="runs/cache")
     p.add_argument("--epochs", default="5,15", help="checkpoints (c50k-e{E}; E-1 is the warm start)")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--first-seed", type=int, default=0, help="cold calls use seeds first-seed .. + seeds - 1")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="cold (and warm) calls use seeds first-seed .. + seeds (warm-seeds) - 1")
     p.add_argument("--refs", default="", help="E:lambda_min:lambda_max,... (reference values)")
     p.add_argument("--baseline", action="store_true", help="also the growing-batch power method")
     p.add_argument("--no-floors", action="store_true")
@@ -199,8 +200,9 @@ def main(argv=None):
             show_levels(out["warm_start"])
             shrinks = ([int(k) for k in args.warm_shrink.split(",")] if args.warm_shrink
                        else [multilevel.POLICY.warm_min_shrink])
-            calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {}) for s in range(args.warm_seeds)]
-            calls.append(("warm LA", 0, {"which": "LA"}))
+            calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {})
+                     for s in range(args.first_seed, args.first_seed + args.warm_seeds)]
+            calls.append(("warm LA", args.first_seed, {"which": "LA"}))
             default = multilevel.POLICY
             for label, seed, kw in calls:
                 # (lambda_max alone: no split, no strata)
