@@ -453,7 +453,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
                 ctx.strata, ctx.proxies = POLICY.strata if strata is None else strata, proxies
                 _warm_spreads(ctx, init)
             if curvature != "none" and _approximation_used(which, v0):
-                _attach_approximation(ctx, curvature, approx_samples, approx_rank, init)
+                _attach_approximation(ctx, curvature, approx_samples, approx_rank)
             if regime == "exact":
                 ends = _exact(ctx, H, v0)
                 levels, m_final, sizes = [], N, {e: N for e in ends}

@@ -282,7 +282,7 @@ def _approximation_used(which: str, warm: dict) -> bool:
     return ("max" in ends and "max" not in warm) or ("min" in ends and APPROX_POLICY.precondition_min)
 
 
-def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int, init) -> None:
+def _attach_approximation(ctx: _Context, name: str, samples: int, rank: int) -> None:
     """Build the curvature approximation on ``samples`` samples and its top eigenpairs.
 
     Its top ``rank`` eigenvectors join ``lambda_max``'s start (:func:`_solve_ends`); the
