@@ -170,9 +170,9 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     H, N = ctx.H, ctx.H.num_samples
     uniform = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1))
     todo = list(ends) if ends is not None else _ends_of(ctx.which)
-    if "min" in todo and "min" in ctx.spread_sizes:
-        _min_design(ctx)  # made now: a warm start's spreads are mapped onto this call's strata
-    spreads = dict(ctx.spreads)  # end -> per-stratum spreads along its vector (Neyman)
+    # end -> per-stratum spreads along its vector (Neyman): the warm start's, mapped onto this
+    # call's strata when they are made (_min_design), then each level's
+    spreads = ctx.spreads
     done: dict = dict(known or {})
     last: dict = {}
     sizes: dict = {}

@@ -42,6 +42,7 @@ Run (1 thread)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -58,6 +59,17 @@ from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_check
 from experiments.bench_curvature import make_data
 from experiments.bench_floors import floors, ggn_parts, log, proxies
 from experiments.cifar import find_cifar10
+
+
+@contextlib.contextmanager
+def policy(**changes):
+    """``multilevel.POLICY`` with ``changes`` for the calls inside, restored after."""
+    default = multilevel.POLICY
+    multilevel.POLICY = dataclasses.replace(default, **changes)
+    try:
+        yield
+    finally:
+        multilevel.POLICY = default
 
 
 def hvp_over_gradient(model, X, Y) -> float:
@@ -177,13 +189,9 @@ def main(argv=None):
         for s in range(args.first_seed, args.first_seed + args.seeds):
             for flag, cut in [(f, c) for f in flags for c in cuts]:
                 for which in ("both", "LA") if args.cold_la else ("both",):
-                    default = multilevel.POLICY
-                    multilevel.POLICY = dataclasses.replace(default, strata_cut=cut)
-                    try:
+                    with policy(strata_cut=cut):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
                                              curvature=flag, which=which)
-                    finally:
-                        multilevel.POLICY = default
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
                         first, first_flag = r, flag  # the floors' vectors: the first seed's, "none" first
                     label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (
@@ -203,17 +211,13 @@ def main(argv=None):
             calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {})
                      for s in range(args.first_seed, args.first_seed + args.warm_seeds)]
             calls.append(("warm LA", args.first_seed, {"which": "LA"}))
-            default = multilevel.POLICY
             for label, seed, kw in calls:
                 # (lambda_max alone: no split, no strata)
                 for k, cut in [(k, c) for k in (shrinks if not kw else shrinks[:1])
                                for c in (cuts if not kw else cuts[:1])]:
-                    multilevel.POLICY = dataclasses.replace(default, warm_min_shrink=k, strata_cut=cut)
-                    try:
+                    with policy(warm_min_shrink=k, strata_cut=cut):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
-                    finally:
-                        multilevel.POLICY = default
                     name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
                         f" {cut}" if len(cuts) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))

@@ -57,7 +57,7 @@ from curvlab.multilevel import POLICY
 from curvlab.hvp import HessianOperator
 from experiments.bench_correctness import BIG, POOL, SMALL_TRAIN, big_checkpoints, load_checkpoint, small_checkpoint
 from experiments.bench_curvature import make_data
-from experiments.bench_floors import CASES, eigenvectors, is_factor, log
+from experiments.bench_floors import CASES, eigenvectors, is_factor, log, proxies, strata_spreads
 from experiments.cifar import find_cifar10
 
 RULES = ("equal", "optimal", "halving", "cum-sqrt-f", "equal-mass")
@@ -113,9 +113,7 @@ def _cut(order: torch.Tensor, sizes: list) -> list:
 
 def limit_factor(c: torch.Tensor, groups: list) -> float:
     """Neyman with the population's own spreads: ``sigma^2 / (sum W_h S_h)^2``."""
-    N = c.numel()
-    W = torch.tensor([len(g) / N for g in groups], dtype=torch.float64)
-    S = torch.stack([c[g].std(unbiased=False) for g in groups])
+    W, S = strata_spreads(c, groups)
     return float(c.var(unbiased=False) / (W * S).sum() ** 2)
 
 
@@ -124,10 +122,8 @@ def pilot_factor(c: torch.Tensor, groups: list, pilot: int, trials: int, seed: i
     at least 16 per stratum), scored at a subsample of ``pilot`` draws (mean variance over
     ``trials`` pilots), as a factor over uniform sampling."""
     g = torch.Generator().manual_seed(seed)
-    N = c.numel()
     sizes = [len(x) for x in groups]
-    W = torch.tensor([n / N for n in sizes], dtype=torch.float64)
-    S = torch.stack([c[x].std(unbiased=False) for x in groups])
+    W, S = strata_spreads(c, groups)
     prop = neyman_allocation(sizes, torch.ones(len(sizes), dtype=torch.float64), pilot, minimum=16,
                              spread_floor=0.0)
     var = 0.0
@@ -144,12 +140,6 @@ def pilot_factor(c: torch.Tensor, groups: list, pilot: int, trials: int, seed: i
 
 # ---------------------------------------------------------------- per-sample curvature
 
-def losses(model, X, Y) -> torch.Tensor:
-    with torch.no_grad():
-        logits = torch.cat([model(X[i:i + 512]) for i in range(0, len(X), 512)]).double()
-    return F.cross_entropy(logits, Y, reduction="none")
-
-
 def small_case(cache: Path, data, name: str) -> dict:
     path = cache / f"strata_c_{name}.pt"
     if path.exists():
@@ -158,7 +148,7 @@ def small_case(cache: Path, data, name: str) -> dict:
     model, meta = small_checkpoint(cache, data, name, CASES[name])
     eig = eigenvectors(cache, name, model, X, Y)
     H = HessianOperator(model, F.cross_entropy, (X, Y), dtype=torch.float64, batch_size=512)
-    out = dict(train_acc=meta["train_acc"], loss=losses(model, X, Y),
+    out = dict(train_acc=meta["train_acc"], loss=proxies(model, X, Y)["loss"],
                c={end: H.per_sample_curvature(eig[end].double()).double() for end in ("min", "max")})
     torch.save(out, path)
     return out
@@ -178,7 +168,7 @@ def big_case(cache: Path, data, E: int, X, Y) -> dict:
     for end in ("min", "max"):
         v = getattr(r, f"vector_{end}").float()
         c[end] = H.per_sample_curvature(v / v.norm()).double()
-    out = dict(train_acc=meta["train_acc"], loss=losses(model, X, Y), c=c)
+    out = dict(train_acc=meta["train_acc"], loss=proxies(model, X, Y)["loss"], c=c)
     torch.save(out, path)
     return out
 
