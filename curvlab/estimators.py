@@ -148,9 +148,9 @@ def neyman_allocation(sizes: Sequence[int], spreads: Tensor, total: int, *, mini
 
     Returns:
         ``t_h`` with ``sum t_h == total`` and ``floor_h <= t_h <= N_h``: the Neyman shares
-        ``total * N_h S_h / sum N_h S_h`` with the strata above their size, then those
-        below their floor, fixed there and the rest re-shared among the others, then rounded
-        by largest remainders.
+        ``c N_h S_h`` held within those bounds, with the one ``c`` that makes them sum to
+        ``total`` (the variance-minimising allocation under the bounds), rounded by
+        largest remainders.
 
     Raises:
         ValueError: ``total`` below the number of strata (a stratum without a draw has an
@@ -173,23 +173,25 @@ def neyman_allocation(sizes: Sequence[int], spreads: Tensor, total: int, *, mini
     low = torch.minimum(sizes_t, torch.full_like(sizes_t, float(minimum)))
     if low.sum() > total:
         low = torch.ones_like(sizes_t)
-    alloc = torch.zeros_like(sizes_t)
-    fixed = torch.zeros(K, dtype=torch.bool)
-    for _ in range(2 * K + 1):
-        free = ~fixed
-        left = total - float(alloc[fixed].sum())
-        share = torch.zeros_like(sizes_t)
-        share[free] = left * w[free] / w[free].sum()
-        above = free & (share > sizes_t)
-        if above.any():  # caps first: what they free raises the others' shares
-            alloc[above], fixed = sizes_t[above], fixed | above
-            continue
-        below = free & (share < low)
-        if below.any():
-            alloc[below], fixed = low[below], fixed | below
-            continue
-        alloc[free] = share[free]
-        break
+    # the allocation that minimises sum_h N_h^2 S_h^2 / t_h within floor_h <= t_h <= N_h
+    # (Lagrange): t_h = clip(c N_h S_h, floor_h, N_h), c the one level whose sum is total
+    w = w.clamp_min(1e-12 * float(w.max()))  # every stratum reaches its size as c grows
+
+    def filled(c: float) -> Tensor:
+        return torch.minimum(torch.maximum(c * w, low), sizes_t)
+
+    lo_c, hi_c = 0.0, total / float(w.sum())
+    while float(filled(hi_c).sum()) < total:
+        lo_c, hi_c = hi_c, 2 * hi_c
+    for _ in range(200):  # bisection; the lower side, so that the sum never exceeds total
+        mid = (lo_c + hi_c) / 2
+        if float(filled(mid).sum()) <= total:
+            lo_c = mid
+        else:
+            hi_c = mid
+        if hi_c - lo_c <= 1e-12 * hi_c:
+            break
+    alloc = filled(lo_c)
     t = torch.floor(alloc + 1e-9)
     rest = int(round(total - float(t.sum())))
     if rest > 0:  # largest remainders get the last draws

@@ -283,12 +283,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
         sample_size: first subsample size (multilevel).
         confidence: level of the sampling intervals (multilevel).  The level
-            is nominal.  The quantile is the normal one, not Student's t,
-            although the spread is itself estimated (from about 32 holdout groups
-            or more).  A holdout that grows after each look at its interval is
-            also looked at more than once.  Both lower the true level a little;
-            ``tests/test_holdout.py`` measures 94 % coverage at 95 % on a
-            synthetic population.
+            is nominal.  The spreads are estimated from the holdout's groups
+            (about 32 or more), so the standard errors are widened by Student's
+            t at their degrees of freedom.  A holdout that grows after each look
+            at its interval is looked at more than once, which lowers the true
+            level a little; ``tests/test_holdout.py`` measures 94 % coverage at
+            95 % on a synthetic population.
         seed: seeds the random start vectors and subsamples.
         device, dtype: of the computation (default: the model's); e.g.
             ``dtype=torch.float64`` for reference values.

@@ -253,11 +253,17 @@ def cast_batches(fmodel: FunctionalModel, batches, group_size: int | None = None
         nb = batch_size_of(x)
         if nb == 0 and not keep_empty:
             continue
-        if group_size is None or nb <= group_size or not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        if group_size is None or nb <= group_size:
+            yield index, x, y, nb
+            continue
+        # nested inputs or targets (tuples, dicts) are cut too when every leaf is a tensor
+        # with one row per sample; otherwise the batch stays one group
+        if _rows_or_none(x, slice(0, 1), nb) is None or _rows_or_none(y, slice(0, 1), nb) is None:
             yield index, x, y, nb
             continue
         for start in range(0, nb, group_size):
-            xs, ys = x[start:start + group_size], y[start:start + group_size]
+            rows = slice(start, start + group_size)
+            xs, ys = _rows_or_none(x, rows, nb), _rows_or_none(y, rows, nb)
             yield index, xs, ys, batch_size_of(xs)
 
 

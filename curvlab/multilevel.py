@@ -129,12 +129,14 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     floor), returned with the others.
 
     At a level with subsample ``S`` (the first ``m`` samples of a random
-    permutation):
+    permutation, a fresh one at every level; for ``lambda_min`` alone, ``m_h`` samples
+    of each stratum by loss, :mod:`curvlab.strata`):
 
     1. **search**: Lanczos on ``H_S`` (warm-started), two Ritz pairs per wanted
        end, to half the tolerance, with at most half the remaining budget;
-    2. **certify** on a holdout ``T`` drawn from the samples after ``S`` (sample
-       splitting: ``T`` is independent of the vectors found on ``S``), grown in
+    2. **certify** on a holdout ``T`` drawn from the samples after ``S`` in that
+       permutation (for a stratified ``S``, from all of each stratum in an order of its
+       own; sample splitting: ``T`` is independent of the vectors found on ``S``), grown in
        chunks until the sampling part of each interval is within tolerance or
        ``T`` is everything outside ``S`` (then the Rayleigh quotient is exact):
        group products ``H_g v`` give the unbiased full-data Rayleigh quotient
@@ -208,6 +210,13 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         design = (_min_design(ctx) if todo == ["min"] else None) or uniform
         if design.stratified:  # a fresh holdout order at every level (the last one chose this S)
             design = design.reshuffled(torch.Generator().manual_seed(ctx.seed + 3 + len(levels)))
+        elif levels:
+            # a fresh permutation at every level after the first: continuing the first one, the
+            # next S would take its new samples from the last holdout, and the next holdout
+            # would reuse its tail, both chosen by whether that holdout let the level pass
+            # (e.g. lambda_min's level fails when its Rayleigh quotient sat high: an S made
+            # of those samples would put the subsample bound too high)
+            design = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1 + 7919 * len(levels)))
         alloc = design.allocate(m, spreads.get("min"), minimum=POLICY.stratum_min)
         m = sum(alloc)
         if design.stratified:
@@ -308,14 +317,12 @@ def _min_design(ctx: _Context):
                 H.cost.grad_samples, H.cost.seconds = before.grad_samples, before.seconds
                 ctx.book(spent, "strata")
             if proxies is not None and not bool(torch.isfinite(proxies).all()):
+                # (e.g. samples whose targets are all ignored): stratified apart, they would
+                # fill a stratum whose holdout groups all have a non-finite loss
                 warnings.warn("some per-sample losses are not finite (e.g. samples whose targets "
-                              "are all ignored); they are stratified as the largest", RuntimeWarning,
+                              "are all ignored); lambda_min's subsamples stay uniform", RuntimeWarning,
                               stacklevel=4)
-                proxies = proxies.double()
-                finite = torch.isfinite(proxies)
-                top = float(proxies[finite].max()) if bool(finite.any()) else 0.0
-                # just above the largest finite loss: their own top stratum, the others' edges kept
-                proxies = torch.where(finite, proxies, torch.full_like(proxies, top + max(abs(top), 1.0)))
+                proxies = None
         if strata > 1 and proxies is not None:
             design = Design.by_proxy(proxies, strata, torch.Generator().manual_seed(ctx.seed + 2),
                                      cut=POLICY.strata_cut, min_size=POLICY.stratum_size)
@@ -692,7 +699,7 @@ def _holdout_plans(ctx: _Context, design: Design, alloc: List[int], ends: List[s
 
     def uniform_estimate(accs, pair, pop=None):
         return holdout_estimate(accs[0], 0, pair.theta, pair.residual, m, N,
-                                population_form=None if pop is None else pop[0])
+                                population_form=None if pop is None else pop[0], z=ctx.z)
     plans = {}
     uniform = _Plan(design, list(alloc), uniform_estimate)
     strata = _min_design(ctx) if "min" in ends else None

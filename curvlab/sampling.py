@@ -301,7 +301,7 @@ class HoldoutEstimate:
 
 def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
                      residual_subsample: float, m: int, N: int,
-                     population_form: float | None = None) -> HoldoutEstimate:
+                     population_form: float | None = None, z: float | None = None) -> HoldoutEstimate:
     """Combine subsample ``S`` (``m`` samples) and holdout ``T`` into full-data estimates.
 
     ``v^T H v = (m theta_S + (N - m) mean_{rest} q) / N`` with the holdout mean for the
@@ -320,6 +320,12 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
     triangle inequality ``||.|| <= (m/N) ||r_S|| + ((N-m)/N) ||(I - vv^T) H_rest v||``,
     the last norm estimated without its noise (:meth:`HoldoutAccumulator.residual_sq`).
     An estimate, not a bound: the Kato-Temple side that uses it is first-order honest.
+
+    With ``z`` (the normal quantile the caller's intervals use), ``se`` and the spreads
+    ``std``, ``holdout_std`` are widened by Student's ``t`` over ``z`` at ``groups - 1``
+    degrees of freedom (:func:`student_factor`; 3.5 % at 32 groups): the variance comes
+    from the groups' spread.  Few groups happen when batches cannot be cut into them
+    (e.g. inputs that are not all tensors with one row per sample).
     """
     t = int(round(acc.W1))
     rest = N - m
@@ -339,6 +345,9 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         mean = float(population_form) + float(acc.cv_means()[j])
     raw = float(acc.residual_sq(noise=False)[0][j])
     perp_sq = max(0.0, raw - fpc * noise_j) if math.isfinite(noise_j) else raw
+    if z is not None and math.isfinite(var):
+        widen = student_factor(z, acc.groups - 1) ** 2
+        var, var_h = var * widen, var_h * widen
     # a holdout that is everything outside S makes the Rayleigh quotient exact (se = 0), but
     # the per-sample spread ``std`` is still needed: the subsample bound's sampling term
     # (how far u^T H_S u may sit from u^T H u) does not vanish with the holdout's error
@@ -351,12 +360,22 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
 
 
 def student_factor(z: float, dof: float) -> float:
-    """Student's ``t`` quantile over the normal one ``z`` at ``dof`` degrees of freedom
-    (Cornish-Fisher expansion; within 1 % of the exact quantile for ``dof >= 3`` at 95 %)."""
+    """Student's ``t`` quantile over the normal one ``z`` at ``dof`` degrees of freedom.
+
+    For ``dof >= 3`` a Cornish-Fisher expansion (within 1 % of the exact quantile at
+    95 %); below, the exact closed forms at one and two degrees of freedom, a fractional
+    ``dof`` rounded down (the larger quantile); ``inf`` below one."""
     if dof == math.inf:
         return 1.0
-    if not dof > 0:  # (nan or none: no spread is known)
+    if not dof >= 1:  # (nan, or under one degree of freedom: no usable spread)
         return math.inf
+    if dof < 3:
+        p = 0.5 * (1 + math.erf(z / math.sqrt(2)))  # the normal quantile's probability
+        if dof < 2:
+            t = math.tan(math.pi * (p - 0.5))
+        else:
+            t = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+        return t / z
     t = (z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
          + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * dof ** 3))
     return t / z

@@ -161,6 +161,20 @@ def test_neyman_allocation_rules():
     assert sum(t) == 5 and min(t) >= 1, t
     # no spread anywhere and no floor: proportional to the sizes
     assert neyman_allocation([30, 10], torch.zeros(2, dtype=D), 8, spread_floor=0.0) == [6, 2]
+    # floors and caps at once: a 32-sample stratum with a huge spread is capped, the seven
+    # others are held at their floor of 8; the total is kept (it once came back as 88)
+    t = neyman_allocation([100] * 7 + [32], torch.tensor([1.0] * 7 + [1000.0], dtype=D), 64, minimum=8)
+    assert t == [8] * 8, t
+    # any sizes, spreads and totals: the sum is the total, every stratum within its floor and size
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        K = int(torch.randint(2, 9, (1,), generator=g))
+        n = torch.randint(1, 60, (K,), generator=g).tolist()
+        sd = torch.empty(K, dtype=D).exponential_(1.0, generator=g) ** 3
+        total = int(torch.randint(K, sum(n) + 1, (1,), generator=g))
+        low = 6 if 6 * K <= total else 1
+        t = neyman_allocation(n, sd, total, minimum=low, spread_floor=0.0)
+        assert sum(t) == total and all(min(low, nh) <= th <= nh for th, nh in zip(t, n)), (n, total, t)
     with pytest.raises(ValueError, match="one draw per stratum"):
         neyman_allocation(sizes, spreads, 3)
     with pytest.raises(ValueError, match="total"):

@@ -264,6 +264,25 @@ def test_whole_data_with_several_input_tensors(kind):
     _check_dense(r, inner, X, Y)
 
 
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_holdout_groups_cut_nested_batches_like_tensors(kind):
+    """A holdout's groups (its standard error's degrees of freedom) do not depend on whether a
+    batch's input is one tensor or several: before, a batch of a tuple or dict input stayed one
+    group (2 groups for a holdout of 64 in batches of 32, against 8)."""
+    inner = tiny_mlp()
+    X, Y = classification_data(64, (5,))
+    parts = (X[:, :2], X[:, 2:])
+    Xs = {"tuple": parts, "dict": dict(a=parts[0], b=parts[1])}[kind]
+    H1 = HessianOperator(inner, F.cross_entropy, (X, Y), batch_size=32)
+    H2 = HessianOperator(TwoArgs(inner), F.cross_entropy, (Xs, Y), batch_size=32)
+    V = torch.randn(2, H1.n, generator=torch.Generator().manual_seed(0), dtype=D)
+    a1, a2 = H1.holdout_statistics(V, group_size=8), H2.holdout_statistics(V, group_size=8)
+    assert a1.groups == a2.groups == 8
+    torch.testing.assert_close(a2.P1, a1.P1)
+    torch.testing.assert_close(a2.P2, a1.P2)
+    assert a2.W1 == a1.W1 and a2.W2 == a1.W2
+
+
 def test_mapping_inputs_are_counted_and_moved():
     """A ``UserDict``-like input (``BatchEncoding``) is a dict to curvlab: counted, cast, moved."""
     from collections import UserDict

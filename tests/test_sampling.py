@@ -249,11 +249,12 @@ def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_
     assert r.converged_max
     check_end(r, "max", lmax, 0.05, slack)
     # the estimate is (m theta_S + (N - m) (mean_rest c + mean_T (q - c))) / N, recomputed here
-    # from the call's permutation (seed 0 + 1), its subsample and holdout, with separate passes
+    # from the level's permutation (seed 0 + 1 at the first level, + 7919 per later level: each
+    # draws a fresh one), its subsample and holdout, with separate passes
     from curvlab.hvp import HessianOperator
     H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=500)
     N, m, t = r.num_samples, top["sample_size"], 800
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(1 + 7919 * (len(r.levels) - 1)))
     v = r.vector_max.to(torch.float64)
     v = v / v.norm()
     rest, T = H.subset(perm[m:]), H.subset(perm[m:m + t])
@@ -302,6 +303,33 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeyp
     # nor when the previous call did not converge at an end
     r5 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, converged_min=False), **kw)
     assert set(r5.levels[0]["ends"]) == {"max", "min"}
+
+
+def test_each_uniform_level_draws_a_fresh_permutation(mlp_problem, monkeypatch):
+    # a level's S and holdout must not be chosen by the last level's holdout: continuing one
+    # permutation, S_k = S_{k-1} + the first samples of T_{k-1}, the very samples whose
+    # Rayleigh quotient made level k-1 fall short (for lambda_min, one that sat high: an S made
+    # of them puts the subsample bound too high).  Each level after the first draws a fresh
+    # permutation, so S_k does not contain S_{k-1} (by chance: probability ~ 0)
+    from curvlab import multilevel
+    from curvlab.strata import Design
+    taken = []
+    take = Design.take
+    monkeypatch.setattr(Design, "take", lambda self, stop, start=None: taken.append(
+        (list(stop), set(take(self, stop, start).tolist()))) or take(self, stop, start))
+    monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, control_variate=False))
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=200,
+                         tol=0.05, tol_min=0.05, batch_size=500, strata=1)
+    sizes = [lv["sample_size"] for lv in r.levels]
+    assert len(sizes) >= 2, sizes
+    subsamples = [S for stop, S in taken if len(stop) == 1 and len(S) in sizes]
+    firsts = [next(S for S in subsamples if len(S) == m) for m in sizes]
+    for before, after in zip(firsts, firsts[1:]):
+        assert not before <= after
+        assert len(before & after) < 0.8 * len(before)  # about m_{k-1} m_k / N, not m_{k-1}
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r, end, truth, 0.05, slack)
 
 
 def test_multilevel_interval_holds_when_the_holdout_is_all_the_rest(mlp_problem, monkeypatch):
