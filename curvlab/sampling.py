@@ -318,8 +318,16 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
     Residual: ``(I - v v^T) H v = (m/N) r_S + ((N-m)/N) (I - v v^T) H_rest v``, where
     ``r_S`` is the solver's residual on ``S`` (``v`` is a Ritz vector of ``H_S``); by the
     triangle inequality ``||.|| <= (m/N) ||r_S|| + ((N-m)/N) ||(I - vv^T) H_rest v||``,
-    the last norm estimated without its noise (:meth:`HoldoutAccumulator.residual_sq`).
-    An estimate, not a bound: the Kato-Temple side that uses it is first-order honest.
+    the last norm estimated from the holdout's mean product **with its noise left in**
+    (the ``raw`` of :meth:`HoldoutAccumulator.residual_sq`, exact when the holdout is
+    everything outside ``S``).  Taking the noise out gives an unbiased ``||.||^2``, but
+    one whose own spread (the cross term ``2 s^T e`` of signal and noise, which the
+    accumulated sums cannot estimate) is not in any interval: measured along a
+    ``lambda_max`` vector of a CIFAR-10 CNN (exact residual 4.10), the noise-free
+    estimate from 2,048 samples in 32 groups spread 0.6-6.7 over 20 holdouts, and one
+    as low as 1.2-1.4 put a converged Kato-Temple side below the reference (BENCHMARKS.md,
+    "References at c50k-e15").  With the noise in (about ``tr Cov / t``, here 20 on a
+    signal of 17), the residual errs large; still an estimate, not a bound.
 
     With ``z`` (the normal quantile the caller's intervals use), ``se`` and the spreads
     ``std``, ``holdout_std`` are widened by Student's ``t`` over ``z`` at ``groups - 1``
@@ -337,14 +345,14 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         raise ValueError("population_form given, but not every holdout group has its Gauss-Newton form")
     mean = float(acc.means()[j])
     if acc.groups < 2:  # no spread can be estimated from one group
-        var, noise_j, var_h = math.inf, math.inf, math.inf
+        var, var_h = math.inf, math.inf
     else:
-        var, noise_j = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
+        var = float(acc.var_of_mean()[j])
         var_h = float(acc.cv_var_of_mean()[j]) if cv else var
     if cv:
         mean = float(population_form) + float(acc.cv_means()[j])
     raw = float(acc.residual_sq(noise=False)[0][j])
-    perp_sq = max(0.0, raw - fpc * noise_j) if math.isfinite(noise_j) else raw
+    perp_sq = raw  # (not raw less its estimated noise: see above)
     if z is not None and math.isfinite(var):
         widen = student_factor(z, acc.groups - 1) ** 2
         var, var_h = var * widen, var_h * widen

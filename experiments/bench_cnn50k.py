@@ -25,8 +25,12 @@ Per checkpoint ``E`` in ``--epochs``:
   shifted operator for ``lambda_min``), from ``experiments/bench_budget.py``, in the same run.
 
 References (optional, ``--refs E:lambda_min:lambda_max,...``): values from an exact full-data
-Lanczos run (``experiments/bench_correctness.py`` caches them as ``ref_c50k-e{E}.json`` in
-``--cache``; those are read automatically).
+Lanczos run (``experiments/bench_correctness.py``'s :func:`reference` caches them as
+``ref_c50k-e{E}.json`` in ``--cache``; those are read automatically).  ``--reference`` computes
+the missing ones first (float32 products over all 50,000 images, bottom three and top two
+eigenvalues, a second seed confirming; ``--ref-tol``, ``--ref-confirm-tol``), and ``--score
+RUN.json ...`` only scores the intervals of earlier runs against the cached references (how
+many cover them, per checkpoint and end), without calling curvlab.
 
 Epochs: full-data HVPs times the FLOPs of an HVP over those of a gradient, per sample
 (``torch.utils.flop_counter``, batch of 128), plus the gradient-equivalent work (the
@@ -55,7 +59,7 @@ import curvlab
 from curvlab import multilevel
 from curvlab.hvp import HessianOperator
 from experiments.bench_budget import Counter, growing_power
-from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
+from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint, reference
 from experiments.bench_curvature import make_data
 from experiments.bench_floors import floors, ggn_parts, log, proxies
 from experiments.cifar import find_cifar10
@@ -134,6 +138,59 @@ def save(args, report, E, out):
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 
 
+def load_refs(cache: Path, epochs) -> dict:
+    """``{E: {"min": value, "max": value, "err": {...}}}`` for the cached references of ``c50k-e{E}``."""
+    refs = {}
+    for E in epochs:
+        f = cache / f"ref_c50k-e{E}.json"
+        if f.exists():
+            j = json.loads(f.read_text())
+            refs[E] = {"min": j["min"]["value"], "max": j["max"]["value"],
+                       "err": {e: j[e]["err"] for e in ("min", "max")}, "confirmed": j.get("confirmed")}
+    return refs
+
+
+def score(paths, cache: Path) -> dict:
+    """Coverage of the converged intervals in earlier runs' JSON reports against the cached
+    references: per checkpoint and end, how many distinct converged intervals hold the
+    reference (an interval met twice, e.g. the same call in two reports, counts once), the
+    largest relative error of the estimates, and every call that misses."""
+    table: dict = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        for ck, out in report["checkpoints"].items():
+            E = int(ck.rsplit("e", 1)[1])
+            ref = load_refs(cache, [E]).get(E)
+            if ref is None:
+                log(f"{path}: {ck}: no cached reference (run with --reference)")
+                continue
+            for call in out["calls"]:  # (not the warm start: it is the checkpoint before)
+                for end in ("max", "min"):
+                    d = call.get(end)
+                    if d is None or not d["converged"]:
+                        continue
+                    lam = ref[end]
+                    t = table.setdefault((ck, end), dict(calls=0, covered=0, worst=0.0, misses=[], seen=set()))
+                    key = (round(d["lo"], 9), round(d["hi"], 9))
+                    if key in t["seen"]:
+                        continue  # the same call in another report (e.g. one end done before the options differ)
+                    t["seen"].add(key)
+                    t["calls"] += 1
+                    if d["lo"] <= lam <= d["hi"]:
+                        t["covered"] += 1
+                    else:
+                        t["misses"].append(f"{Path(path).name}: {call['call']} ({d['lo']:.6g}, {d['hi']:.6g}), "
+                                           f"reference {lam:.7g}")
+                    t["worst"] = max(t["worst"], abs(d["value"] - lam) / abs(lam))
+    log("| checkpoint | end | distinct converged intervals | holding the reference | largest error |\n"
+        "|---|---|---:|---:|---:|")
+    for (ck, end), t in sorted(table.items()):
+        log(f"| {ck} | lambda_{end} | {t['calls']} | {t['covered']} | {100 * t['worst']:.2f} % |")
+        for m in t["misses"]:
+            log(f"    misses: {m}")
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None)
@@ -143,6 +200,14 @@ def main(argv=None):
     p.add_argument("--first-seed", type=int, default=0,
                    help="cold (and warm) calls use seeds first-seed .. + seeds (warm-seeds) - 1")
     p.add_argument("--refs", default="", help="E:lambda_min:lambda_max,... (reference values)")
+    p.add_argument("--reference", action="store_true",
+                   help="compute the missing references first (cached as ref_c50k-e{E}.json in --cache)")
+    p.add_argument("--ref-tol", type=float, nargs=2, default=(1e-3, 1e-4), metavar=("BOTTOM", "TOP"),
+                   help="the reference run's residual tolerances, relative to each value")
+    p.add_argument("--ref-confirm-tol", type=float, nargs=2, default=(3e-3, 1e-3), metavar=("BOTTOM", "TOP"),
+                   help="the confirming run's (another seed)")
+    p.add_argument("--score", nargs="+", default=None, metavar="RUN.json",
+                   help="only score these earlier reports' intervals against the cached references")
     p.add_argument("--baseline", action="store_true", help="also the growing-batch power method")
     p.add_argument("--no-floors", action="store_true")
     p.add_argument("--cold-only", action="store_true", help="skip the warm calls")
@@ -161,6 +226,8 @@ def main(argv=None):
                    help="comma-separated POLICY.strata_cut values ('equal', 'optimal') for the cold "
                         "calls, side by side (default: curvlab's)")
     args = p.parse_args(argv)
+    if args.score:
+        return score(args.score, Path(args.cache))
     flags = args.curvature.split(",")
     cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
     cache = Path(args.cache)
@@ -172,11 +239,15 @@ def main(argv=None):
     for item in filter(None, args.refs.split(",")):
         E, lo, hi = item.split(":")
         refs[int(E)] = {"min": float(lo), "max": float(hi)}
-    for E in epochs:
-        f = cache / f"ref_c50k-e{E}.json"
-        if E not in refs and f.exists():
-            j = json.loads(f.read_text())
-            refs[E] = {"min": j["min"]["value"], "max": j["max"]["value"]}
+    if args.reference:
+        for E in epochs:
+            # float32 products (float64 over 50,000 images costs 4-6x more a product here); the
+            # bottom's tolerance is relative to |lambda_min|, far tighter than the 5 % checked
+            model, _ = load_checkpoint(paths[E])
+            reference(cache, f"c50k-e{E}", model, X, Y, dtype=torch.float32, tol=tuple(args.ref_tol),
+                      confirm_tol=tuple(args.ref_confirm_tol), seeds=[0, 1], max_matvecs=600)
+    for E, r in load_refs(cache, epochs).items():
+        refs.setdefault(E, r)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
                   library=curvlab.__file__, checkpoints={})
     for E in epochs:

@@ -90,14 +90,16 @@ def test_holdout_intervals_and_residuals_over_random_splits():
     # 300 independent (subsample, holdout) splits of one population; v = top
     # eigenvector of the subsample's matrix.  Measured here: r +- z se covers v^T H v
     # in about 94 % (32 groups: the t quantile is 2.04, not 1.96); binomial sd at
-    # 300 draws is 1.3 %, so >= 0.88 is the bar.  The debiased residual has mean
-    # within 10 % of the truth (its raw version is inflated by the noise).
-    # Measured: 282/300 for both intervals, mean squared residual ratio 1.01.
+    # 300 draws is 1.3 %, so >= 0.88 is the bar.  The accumulator's debiased residual
+    # has mean square within 10 % of the truth; the estimate's residual keeps the noise in
+    # (it errs large, so that Kato-Temple's side errs wide): above the truth on average,
+    # and below it in few splits.
+    # Measured: 282/300 for both intervals, mean squared ratio 1.01 debiased.
     A = _population(seed=4)
     N, m, t = len(A), 400, 800
     H = A.mean(0)
     lam = torch.linalg.eigvalsh(H)
-    hits, kt_hits, ratios, raws = 0, 0, [], []
+    hits, kt_hits, ratios, debiased = 0, 0, [], []
     for rep in range(300):
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(100 + rep))
         HS = A[perm[:m]].mean(0)
@@ -110,14 +112,18 @@ def test_holdout_intervals_and_residuals_over_random_splits():
         hits += abs(est.value - truth) <= Z95 * est.se
         true_res = float((H @ v - truth * v).norm())
         ratios.append(est.residual / true_res)
-        raw, _ = acc.residual_sq()
-        raws.append((N - m) / N * float(raw[0]) ** 0.5 / true_res)
+        raw, noise = acc.residual_sq()
+        fpc = 1 - t / (N - m)
+        debiased.append((N - m) / N * max(0.0, float(raw[0] - fpc * noise[0])) ** 0.5 / true_res)
         lo, hi = kato_temple_interval("max", est, Z95, neighbour=float(vals[-2]))
         kt_hits += lo <= float(lam[-1]) <= hi
     assert hits / 300 >= 0.88, hits
-    mean_sq = sum(r * r for r in ratios) / len(ratios)
+    mean_sq = sum(r * r for r in debiased) / len(debiased)
     assert 0.9 <= mean_sq <= 1.1, mean_sq  # ||.||^2 is what is debiased
-    assert sum(raws) / len(raws) > 1.1  # and debiasing matters here (measured: 1.20)
+    assert sum(ratios) / len(ratios) > 1.1  # the noise left in (measured: 1.20)
+    # (not a bound: where the signal-noise cross term dominates, as in this population, it
+    # still falls below the truth in a fifth of the splits; measured 66)
+    assert sum(r < 1 for r in ratios) <= 90, sorted(ratios)[:5]
     assert kt_hits / 300 >= 0.88, kt_hits
 
 
