@@ -411,11 +411,8 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
 
     The residual ``||(I - v v^T) H v||`` is estimated from ``sum_h (P_h / N) H_{T_h} v``
     (plus ``(m / N) residual_S`` for a uniform ``S``, by the triangle inequality) with the
-    holdout's noise taken out at its lower two-sigma bound: each stratum's noise is
-    estimated from its own few groups, so the sum has few degrees of freedom
-    (Satterthwaite), and subtracting all of it, as :func:`holdout_estimate` does with 32 or
-    more groups, would often leave a residual of zero and a Kato-Temple side too tight;
-    the residual errs large instead.
+    holdout's noise left in, as in :func:`holdout_estimate` (taking it out leaves an
+    estimate whose own spread no interval carries): the residual errs large.
 
     ``subsample_se``: the standard error of the subsample's quadratic form along ``v``:
     ``sqrt(sum_h W_h^2 sigma_h^2 (1 - m_h / N_h) / m_h)`` for a stratified ``S``
@@ -441,7 +438,7 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
     v = accs[0].V[j].double()
     cv = population_forms is not None
     a = torch.zeros_like(v)
-    total = se2 = noise = dof = spread = dof_se = dof_sub = 0.0
+    total = se2 = spread = dof_se = dof_sub = 0.0
     t_all = sum(int(round(acc.W1)) for acc in accs)
     stds, means = [], []
     for h, (acc, P) in enumerate(zip(accs, pools)):
@@ -454,9 +451,9 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
                              "Gauss-Newton forms")
         fpc = max(0.0, 1 - t_h / P)
         if acc.groups < 2:
-            var = var_h = noise_h = math.inf
+            var = var_h = math.inf
         else:
-            var, noise_h = float(acc.var_of_mean()[j]), float(acc.residual_sq()[1][j])
+            var = float(acc.var_of_mean()[j])
             var_h = float(acc.cv_var_of_mean()[j]) if cv else var
         plain = float(acc.means()[j])
         total += w * (float(population_forms[h]) + float(acc.cv_means()[j]) if cv else plain)
@@ -464,17 +461,12 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
         if fpc > 0:
             se2 += w ** 2 * var_h * fpc
             dof_se += (w ** 2 * var_h * fpc) ** 2 / max(acc.groups - 1, 1)
-            noise += w ** 2 * noise_h * fpc
-            dof += (w ** 2 * noise_h * fpc) ** 2 / max(acc.groups - 1, 1)
         spread += w ** 2 * var_h * t_all  # w_h^2 s_h^2 / alpha_h with alpha_h = t_h / t
         stds.append(math.sqrt(var * t_h))
         means.append(plain)
     perp = a - float(a @ v) * v
     raw = float(perp.pow(2).sum())
-    if math.isfinite(noise) and noise > 0:
-        df = noise ** 2 / dof  # Satterthwaite: the noise estimate's degrees of freedom
-        noise *= max(0.0, 1 - 2 * math.sqrt(2 / df))
-    residual = math.sqrt(max(0.0, raw - noise)) if math.isfinite(noise) else math.sqrt(raw)
+    residual = math.sqrt(raw)  # (the noise left in: see above)
     W = [n / N for n in Ns]
     groups = [max(acc.groups - 1, 1) for acc in accs]
     if subsample is not None:  # a uniform S: its exact part, and the population's spread

@@ -68,6 +68,14 @@ def test_stratified_estimate_is_exact_when_the_holdout_is_every_stratum():
     assert est.value == pytest.approx(r, rel=1e-12) and est.se == 0.0
     assert est.residual == pytest.approx(res, rel=1e-9)  # no noise left to take out
     assert est.holdout == 2000 and len(est.stratum_std) == 8
+    # a partial holdout: the residual is that of the stratified mean product, noise left in
+    # (it errs large; with the noise estimate taken out it had a spread no interval carried)
+    from curvlab.multilevel import POLICY
+    est = _estimate(A, design, alloc, v[None], 600)
+    taken = design.holdout_allocation(600, alloc, [0] * len(alloc), POLICY.stratum_holdout)
+    a = sum(w * A[design.holdout_part(h, alloc, 0, t)].mean(0) @ v
+            for h, (w, t) in enumerate(zip(design.weights, taken)))
+    assert est.residual == pytest.approx(float((a - float(a @ v) * v).norm()), rel=1e-9)
 
 
 def test_post_stratified_holdout_outside_a_uniform_subsample():
