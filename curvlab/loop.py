@@ -35,7 +35,7 @@ from torch.func import grad, vjp
 
 from .distributed import DataParallel
 from .functional import FunctionalModel, batch_size_of
-from .trees import _rows_or_none
+from .trees import _rows_or_none, _tree_rows
 
 __all__ = ["Cost", "DataLoop", "OnParameters", "cast_batches", "output_hessian"]
 
@@ -263,7 +263,7 @@ def cast_batches(fmodel: FunctionalModel, batches, group_size: int | None = None
             continue
         for start in range(0, nb, group_size):
             rows = slice(start, start + group_size)
-            xs, ys = _rows_or_none(x, rows, nb), _rows_or_none(y, rows, nb)
+            xs, ys = _tree_rows(x, rows), _tree_rows(y, rows)
             yield index, xs, ys, batch_size_of(xs)
 
 

@@ -170,7 +170,6 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     unless an exact stage could still follow it.
     """
     H, N = ctx.H, ctx.H.num_samples
-    uniform = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1))
     todo = list(ends) if ends is not None else _ends_of(ctx.which)
     # end -> per-stratum spreads along its vector (Neyman): the warm start's, mapped onto this
     # call's strata when they are made (_min_design), then each level's
@@ -206,17 +205,16 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         final = fit < POLICY.min_growth * m and (2 * POLICY.max_growth * m <= N
                                                  or remaining < POLICY.exact_products * len(todo))
         # lambda_min alone: a stratified subsample, Neyman for the spreads its vector showed
-        # last (proportional before any); otherwise a uniform one
-        design = (_min_design(ctx) if todo == ["min"] else None) or uniform
+        # last (proportional before any); otherwise a uniform one, from a fresh permutation at
+        # every level: continuing the last one, this S would
+        # take its new samples from the last holdout, and this holdout would reuse its tail,
+        # both chosen by whether that holdout let the level pass (e.g. lambda_min's level
+        # fails when its Rayleigh quotient sat high: an S made of those samples would put the
+        # subsample bound too high)
+        design = (_min_design(ctx) if todo == ["min"] else None) or Design.uniform(
+            N, torch.Generator().manual_seed(ctx.seed + 1 + 7919 * len(levels)))
         if design.stratified:  # a fresh holdout order at every level (the last one chose this S)
             design = design.reshuffled(torch.Generator().manual_seed(ctx.seed + 3 + len(levels)))
-        elif levels:
-            # a fresh permutation at every level after the first: continuing the first one, the
-            # next S would take its new samples from the last holdout, and the next holdout
-            # would reuse its tail, both chosen by whether that holdout let the level pass
-            # (e.g. lambda_min's level fails when its Rayleigh quotient sat high: an S made
-            # of those samples would put the subsample bound too high)
-            design = Design.uniform(N, torch.Generator().manual_seed(ctx.seed + 1 + 7919 * len(levels)))
         alloc = design.allocate(m, spreads.get("min"), minimum=POLICY.stratum_min)
         m = sum(alloc)
         if design.stratified:

@@ -351,8 +351,7 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         var_h = float(acc.cv_var_of_mean()[j]) if cv else var
     if cv:
         mean = float(population_form) + float(acc.cv_means()[j])
-    raw = float(acc.residual_sq(noise=False)[0][j])
-    perp_sq = raw  # (not raw less its estimated noise: see above)
+    perp_sq = float(acc.residual_sq(noise=False)[0][j])  # (the noise left in: see above)
     if z is not None and math.isfinite(var):
         widen = student_factor(z, acc.groups - 1) ** 2
         var, var_h = var * widen, var_h * widen
