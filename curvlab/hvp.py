@@ -228,19 +228,24 @@ class HessianOperator(DataLoop):
         total.div_(self.num_samples)
         return total[0] if single else total
 
-    def holdout_statistics(self, V: Tensor, group_size: int = 64, gauss_newton: Tensor | None = None):
+    def holdout_statistics(self, V: Tensor, group_size: int = 64, gauss_newton: Tensor | None = None,
+                           blocks: int = 16):
         """Products ``H_g V`` over groups ``g`` of about ``group_size`` samples, as sums.
 
         Returns a :class:`curvlab.sampling.HoldoutAccumulator` for the ``k`` rows of
         ``V`` (unit vectors): the mean product ``H V`` over this operator's data and
         the groups' spread, from which the standard error of each Rayleigh quotient
-        and a noise-free estimate of its residual follow (no per-sample backward
+        and an upper confidence bound on its residual follow (no per-sample backward
         passes: each group is one block HVP).  Batches are cut into groups when
         their inputs are tensors; other batches are one group each.
 
         ``gauss_newton``: a ``(k,)`` bool mask of the rows whose groups also get their
         Gauss-Newton quadratic forms ``v^T G_g v`` (:meth:`gauss_newton_forms`), the
         control variate of :func:`curvlab.sampling.holdout_estimate`.
+
+        ``blocks``: the groups are dealt into at most this many blocks (fewer when there are
+        fewer groups), whose spread bounds the residual
+        (:func:`curvlab.sampling.residual_margin`); each costs one copy of ``V``.
 
         Cost: the same as :meth:`matvec` on ``V`` (``k * N`` per-sample products), plus
         one forward-mode pass per masked row (``grad_samples``).
@@ -256,7 +261,10 @@ class HessianOperator(DataLoop):
         if mask.shape != (k,):
             raise ValueError(f"gauss_newton must be a ({k},) bool mask, got shape {tuple(mask.shape)}")
         rows = mask.nonzero().flatten().tolist()
-        acc = HoldoutAccumulator(V)
+        if not isinstance(blocks, int) or blocks < 2:
+            raise ValueError(f"blocks must be an int of at least 2, got {blocks!r}")
+        expected = -(-self.num_samples // group_size)  # groups, if batches can be cut
+        acc = HoldoutAccumulator(V, blocks=max(2, min(blocks, expected)))
         scalars = torch.zeros(5, dtype=torch.float64, device=self.device)  # W1, W2, groups, forms, failed
         state = dict(forms=0, failed=0)
 
@@ -279,7 +287,7 @@ class HessianOperator(DataLoop):
             scalars.copy_(torch.tensor([acc.W1, acc.W2, acc.groups, state["forms"], state["failed"]],
                                        dtype=torch.float64))
 
-        sums = [getattr(acc, name) for name in acc._SUMS]
+        sums = [getattr(acc, name) for name in acc._SUMS] + [acc.block_sums, acc.block_weights]
         self.reduce_(local_sum, *sums, scalars, hvps=k, samples=k * self.num_samples, passes=1)
         acc.W1, acc.W2, acc.groups = float(scalars[0]), float(scalars[1]), int(scalars[2])
         self.cost.grad_samples += int(scalars[3])

@@ -5,8 +5,10 @@ full-data residual ``||(I - v v^T) H v||`` estimated from the holdout's mean pro
 (:func:`curvlab.sampling.holdout_estimate`).  This script takes the vector a default
 ``which="LA"`` call returns at ``c50k-e15`` (``--seed``), computes its exact residual with one
 full-data product, and draws ``--holdouts`` random holdouts of ``--size`` images in 32 groups:
-per holdout, the estimate with its noise left in (``raw``, what ``holdout_estimate`` uses) and
-with the noise estimate taken out (``debiased``, what it used before), and the noise.
+per holdout, the norm with its noise left in (``raw``, what ``holdout_estimate`` used before this
+became a bound), with the noise estimate taken out (``debiased``, what it used before that), the
+noise, and the upper confidence bound ``holdout_estimate`` now uses (``bound``: ``raw`` plus
+:func:`curvlab.sampling.residual_margin` at ``z = 1.96``, from 16 blocks of the 32 groups).
 
 Run (2 threads, alone; about 3 minutes)::
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 import curvlab
 from curvlab.hvp import HessianOperator
+from curvlab.sampling import Z_RESIDUAL, residual_margin
 from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
 from experiments.bench_curvature import make_data
 from experiments.bench_floors import log
@@ -52,7 +55,7 @@ def main(argv=None):
     res = float((Hv - rq * vd).norm())
     log(f"c50k-e{args.epoch}, seed {args.seed}: interval {r.interval_max}; exact Rayleigh quotient {rq:.5f}, "
         f"exact residual {res:.4f} (squared {res * res:.2f})")
-    raws, debiased, noises = [], [], []
+    raws, debiased, noises, bounds = [], [], [], []
     for k in range(args.holdouts):
         idx = torch.randperm(N, generator=torch.Generator().manual_seed(900 + k))[:args.size]
         acc = H.subset(idx).holdout_statistics(v[None], group_size=max(1, args.size // 32))
@@ -61,8 +64,10 @@ def main(argv=None):
         raws.append(raw ** 0.5)
         debiased.append(max(0.0, raw - fpc * noise) ** 0.5)
         noises.append(noise)
-        log(f"  holdout {k}: residual raw {raws[-1]:.3f}, debiased {debiased[-1]:.3f}, noise (squared) {noise:.2f}")
-    for name, xs in (("raw", raws), ("debiased", debiased)):
+        bounds.append(raws[-1] + residual_margin([(acc, 0, fpc / args.size)], Z_RESIDUAL))
+        log(f"  holdout {k}: residual raw {raws[-1]:.3f}, debiased {debiased[-1]:.3f}, bound "
+            f"{bounds[-1]:.3f}, noise (squared) {noise:.2f}")
+    for name, xs in (("raw", raws), ("debiased", debiased), ("bound", bounds)):
         t = torch.tensor(xs, dtype=torch.float64)
         log(f"{name}: mean {float(t.mean()):.3f}, sd {float(t.std()):.3f}, range {float(t.min()):.3f}-"
             f"{float(t.max()):.3f}, mean square {float((t * t).mean()):.2f}, below the exact residual in "
