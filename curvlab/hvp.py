@@ -261,10 +261,9 @@ class HessianOperator(DataLoop):
         if mask.shape != (k,):
             raise ValueError(f"gauss_newton must be a ({k},) bool mask, got shape {tuple(mask.shape)}")
         rows = mask.nonzero().flatten().tolist()
-        if not isinstance(blocks, int) or blocks < 2:
-            raise ValueError(f"blocks must be an int of at least 2, got {blocks!r}")
         expected = -(-self.num_samples // group_size)  # groups, if batches can be cut
-        acc = HoldoutAccumulator(V, blocks=max(2, min(blocks, expected)))
+        # (fewer blocks than groups are useless; a bad ``blocks`` reaches the accumulator's check)
+        acc = HoldoutAccumulator(V, blocks=min(blocks, max(2, expected)))
         scalars = torch.zeros(5, dtype=torch.float64, device=self.device)  # W1, W2, groups, forms, failed
         state = dict(forms=0, failed=0)
 

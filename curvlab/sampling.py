@@ -343,8 +343,12 @@ def residual_margin(parts, z: float) -> float:
         dofs.append(dof)
     if not rows:
         return 0.0
-    X = torch.cat(rows)
-    lam = max(0.0, float(torch.linalg.eigvalsh(X @ X.T)[-1]))
+    if len(rows) == 1:  # (e.g. a uniform holdout: its own top eigenvalue is the stack's)
+        lam = lams[0]
+    else:
+        X = torch.cat(rows)
+        lam = float(torch.linalg.eigvalsh(X @ X.T)[-1])
+    lam = max(0.0, lam)
     spread = sum(x * x / d for x, d in zip(lams, dofs))
     dof = sum(lams) ** 2 / spread if spread > 0 else min(dofs)
     return z * student_factor(z, dof) * math.sqrt(lam)
@@ -442,9 +446,11 @@ def holdout_estimate(acc: HoldoutAccumulator, j: int, theta_subsample: float,
         var_h = float(acc.cv_var_of_mean()[j]) if cv else var
     if cv:
         mean = float(population_form) + float(acc.cv_means()[j])
-    perp_sq = float(acc.residual_sq(noise=False)[0][j])  # (the noise left in: see above)
+    # (the noise left in: see above; its estimate, which needs two groups, only sizes the holdout)
+    raw, noise = acc.residual_sq(noise=fpc > 0 and acc.groups >= 2)
+    perp_sq = float(raw[j])
     if fpc > 0:
-        noise_sq = fpc * float(acc.residual_sq()[1][j]) if acc.groups >= 2 else math.inf
+        noise_sq = fpc * float(noise[j]) if noise is not None else math.inf
         margin = residual_margin([(acc, j, fpc / acc.W1)], Z_RESIDUAL if z is None else z)
     else:
         noise_sq = margin = 0.0
