@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .sampling import (extreme_interval, guard_overturns, holdout_estimate,
                        holdout_size_for, kato_temple_interval, predicted_estimate, sampling_room,
-                       stratified_estimate, subsample_se)
+                       span_subsample_se, stratified_estimate, subsample_se)
 from .loop import Cost
 from .strata import Design, StratifiedOperator, remap_spreads
 from .solve import EndPair, _Context, _ends_of, _exact, _hvp_samples, _solve_ends
@@ -84,6 +84,10 @@ class MultilevelPolicy:
             stratum, whose spread in every direction bounds the Kato-Temple residual
             (:func:`curvlab.sampling.residual_margin`); each block keeps a copy of the
             holdout's vectors (16 and 32 gave bounds within 5 % of each other, BENCHMARKS.md).
+        span_spread: the subsample bound's spread is the largest over the span of the
+            extreme and guard vectors (:func:`curvlab.sampling.span_subsample_se`), not the
+            extreme vector's own (which understates the extreme eigenvector's when ``S``
+            under-represents it; ``False`` only to measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
@@ -119,6 +123,7 @@ class MultilevelPolicy:
     stratum_holdout: int = 16
     stratum_groups: int = 8
     residual_blocks: int = 16
+    span_spread: bool = True
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
 
@@ -255,6 +260,7 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             ok = math.isfinite(half) and half <= target
             level["ends"][end] = dict(theta_subsample=theta, residual=res, rayleigh_holdout=est.value,
                                       standard_error=est.se, holdout=est.holdout,
+                                      subsample_se=subsample_se(est, m, ctx.H.num_samples),
                                       residual_full=est.residual, interval=interval,
                                       control_variate=est.control_variate,
                                       kato_temple=kt, accepted=ok,
@@ -597,6 +603,17 @@ def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends:
     forms = {e for e in ends if e == "max" and POLICY.control_variate and t_next < rest
              and left - t_next * (len(ends) + len(guards) + _FORM) >= _FORM * (rest - t_next)}
     population: dict = {}  # end -> per stratum, the exact mean of v^T G_d v over its pool
+    # end -> the largest subsample standard error over the span of its extreme and guard
+    # vectors, from the first chunk (span_subsample_se): the subsample bound's spread must
+    # be the extreme *eigenvector's*, which the vector found on S can understate
+    span: dict = {}
+
+    def widened(e, est):
+        if not span.get(e, 0.0) > subsample_se(est, m, N):
+            return est
+        fpc = max(0.0, 1 - m / N)
+        return dataclasses.replace(est, subsample_se=span[e],
+                                   std=span[e] * math.sqrt(m / fpc) if fpc > 0 else est.std)
     per_sample = len(ends) + len(guards) + _FORM * len(forms)
     affordable = int(left / per_sample)
     t_next = max(min(t_next, affordable), min(rest, POLICY.min_chunk))
@@ -629,11 +646,14 @@ def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends:
                         else:
                             accs[e][h].merge(part.row(j))
                 cv = population.get(e) if with_forms(accs[e]) else None
-                ests[e] = plan.estimate(accs[e], found[e], cv)
+                ests[e] = widened(e, plan.estimate(accs[e], found[e], cv))
             for j, e in enumerate(checked, start=len(mine)):
                 g = plan.estimate([p.row(j) if p is not None else None for p in parts], found[e].guard)
                 if guard_overturns(end=e, extreme=ests[e], guard=g, z=ctx.z):
                     ctx.overturned.add(e)
+                if POLICY.span_spread and all(p is not None for p in parts):
+                    span[e] = plan.span(parts, mine.index(e), j)
+                    ests[e] = widened(e, ests[e])
             plan.taken = new
         first, t = t == 0, min(sum(plans[e].taken) for e in active)
         if t >= rest:
@@ -646,11 +666,11 @@ def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends:
                 plan = plans[e]
                 if not with_forms(accs[e]):
                     continue
-                cv_est = plan.estimate(accs[e], found[e], [0.0] * len(accs[e]))
+                cv_est = widened(e, plan.estimate(accs[e], found[e], [0.0] * len(accs[e])))
                 if _control_variate_pays(ctx, e, found[e], ests[e], cv_est, m, base, t, spend_all, done,
                                          reserve):
                     population[e] = _population_forms(ctx, plan, accs[e], vectors[e])
-                    ests[e] = plan.estimate(accs[e], found[e], population[e])
+                    ests[e] = widened(e, plan.estimate(accs[e], found[e], population[e]))
             forms = set(population)
         wants, two_sided = {}, set()
         for e in active:
@@ -739,10 +759,12 @@ def _holdout_for_target(ctx: _Context, end: str, pair: EndPair, est, m: int, bas
 
 class _Plan:
     """One end's holdout: its design, the allocation shape it draws in proportion to, what it
-    has drawn per stratum (``taken``), its pool size, and its estimate."""
+    has drawn per stratum (``taken``), its pool size, its estimate, and ``span(accs, i, j)``:
+    the largest subsample standard error over the span of rows ``i`` and ``j``
+    (:func:`curvlab.sampling.span_subsample_se` for this design)."""
 
-    def __init__(self, design: Design, shape: List[int], estimate):
-        self.design, self.shape, self.estimate = design, shape, estimate
+    def __init__(self, design: Design, shape: List[int], estimate, span):
+        self.design, self.shape, self.estimate, self.span = design, shape, estimate, span
         self.taken = [0] * len(shape)
         self.pool = sum(design.pools(shape))
         self.groups: List[int] = []
@@ -761,14 +783,16 @@ def _holdout_plans(ctx: _Context, design: Design, alloc: List[int], ends: List[s
     N, m = ctx.H.num_samples, sum(alloc)
     if design.stratified:
         whole = _Plan(design, list(alloc), lambda accs, pair, pop=None: stratified_estimate(
-            accs, 0, alloc, design.sizes, pop, z=ctx.z))
+            accs, 0, alloc, design.sizes, pop, z=ctx.z),
+            lambda accs, i, j: span_subsample_se(accs, i, j, design.sizes, ms=list(alloc), z=ctx.z))
         return {e: whole for e in ends}
 
     def uniform_estimate(accs, pair, pop=None):
         return holdout_estimate(accs[0], 0, pair.theta, pair.residual, m, N,
                                 population_form=None if pop is None else pop[0], z=ctx.z)
     plans = {}
-    uniform = _Plan(design, list(alloc), uniform_estimate)
+    uniform = _Plan(design, list(alloc), uniform_estimate,
+                    lambda accs, i, j: span_subsample_se(accs, i, j, [N], m=m, z=ctx.z))
     strata = _min_design(ctx) if "min" in ends else None
     for e in ends:
         if e == "min" and strata is not None:
@@ -778,7 +802,8 @@ def _holdout_plans(ctx: _Context, design: Design, alloc: List[int], ends: List[s
                                      minimum=POLICY.stratum_min)
             plans[e] = _Plan(outside, shape, lambda accs, pair, pop=None: stratified_estimate(
                 accs, 0, shape, outside.sizes, pop, pools=outside.pools(shape),
-                subsample=(m, pair.theta, pair.residual), z=ctx.z))
+                subsample=(m, pair.theta, pair.residual), z=ctx.z),
+                lambda accs, i, j: span_subsample_se(accs, i, j, outside.sizes, m=m, z=ctx.z))
         else:
             plans[e] = uniform
     return plans

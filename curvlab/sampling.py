@@ -36,7 +36,8 @@ from torch import Tensor
 __all__ = ["RayleighEstimate", "holdout_rayleigh", "extreme_interval", "sample_size_for",
            "HoldoutAccumulator", "HoldoutEstimate", "holdout_estimate", "holdout_size_for",
            "kato_temple_interval", "sampling_room", "guard_overturns", "stratified_estimate",
-           "subsample_se", "residual_margin", "predicted_estimate", "Z_RESIDUAL"]
+           "subsample_se", "residual_margin", "predicted_estimate", "Z_RESIDUAL",
+           "span_subsample_se"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def extreme_interval(end: str, estimate: RayleighEstimate, theta_subsample: floa
       theta_S + residual``; ``u^T H u - u^T H_S u`` is a mean of ``m`` draws
       without replacement, so it is below ``z * sigma / sqrt(m) * sqrt(1 - m/N)``
       with confidence, where ``sigma``, the spread of ``u^T H_d u``, is
-      estimated by that of ``v^T H_d v`` on the holdout.
+      ``estimate``'s (:func:`subsample_se`): in :mod:`curvlab.multilevel`, the largest
+      spread over the span of ``v`` and the subsample's next Ritz vector
+      (:func:`span_subsample_se`), as ``v``'s own understates ``u``'s exactly when ``S``
+      under-represents ``u``.
 
     Mirrored for ``lambda_min``.  The width shrinks like ``1/sqrt(m)`` plus the
     gap between the subsample's extreme and the holdout's view of its vector.
@@ -181,8 +185,12 @@ class HoldoutAccumulator:
         self.S2, self.Q1, self.Q2 = (torch.zeros(k, **f64) for _ in range(3))
         self.C0, self.C1, self.C2, self.QC = (torch.zeros(k, **f64) for _ in range(4))
         self.has_forms = torch.ones(k, dtype=torch.bool, device=V.device)
+        # the groups' cross forms M_g = V H_g V^T (k, k): the quadratic form of any unit vector in
+        # the rows' span, and its spread (span_moments); k^4 numbers, nothing of size n
+        self.F1, self.FQ1 = torch.zeros(k, k, **f64), torch.zeros(k, k, **f64)
+        self.FQ2 = torch.zeros(k * k, k * k, **f64)
 
-    _SUMS = ("P1", "P2", "S2", "Q1", "Q2", "C0", "C1", "C2", "QC")
+    _SUMS = ("P1", "P2", "S2", "Q1", "Q2", "C0", "C1", "C2", "QC", "F1", "FQ1", "FQ2")
 
     def add(self, products: Tensor, size: int, forms: Tensor | None = None) -> None:
         """One group of ``size`` samples with mean products ``products`` ``(k, n)``.
@@ -191,7 +199,9 @@ class HoldoutAccumulator:
         row without one), or ``None`` (no row has one).
         """
         w = float(size)
-        q = (products * self.V).sum(1).double()
+        M = (products @ self.V.T).double()
+        M = (M + M.T) / 2  # (H_g is symmetric: only rounding differs)
+        q = M.diagonal().clone()
         b = self.groups % len(self.block_weights)
         self.block_sums[b].add_(products, alpha=w)
         self.block_weights[b] += w
@@ -203,6 +213,9 @@ class HoldoutAccumulator:
         self.S2 += w * w * products.double().pow(2).sum(1)
         self.Q1 += w * w * q
         self.Q2 += w * w * q * q
+        self.F1 += w * M
+        self.FQ1 += w * w * M
+        self.FQ2 += w * w * torch.outer(M.flatten(), M.flatten())
         if forms is None:
             self.has_forms.zero_()
             return
@@ -221,7 +234,11 @@ class HoldoutAccumulator:
         out.block_sums = self.block_sums[:, j:j + 1].clone()
         out.block_weights = self.block_weights.clone()
         for name in self._SUMS + ("has_forms",):
-            setattr(out, name, getattr(self, name)[j:j + 1].clone())
+            if name not in ("F1", "FQ1", "FQ2"):
+                setattr(out, name, getattr(self, name)[j:j + 1].clone())
+        k = len(self.V)
+        out.F1, out.FQ1 = self.F1[j:j + 1, j:j + 1].clone(), self.FQ1[j:j + 1, j:j + 1].clone()
+        out.FQ2 = self.FQ2[j * k + j:j * k + j + 1, j * k + j:j * k + j + 1].clone()
         return out
 
     def merge(self, other: "HoldoutAccumulator") -> None:
@@ -254,6 +271,34 @@ class HoldoutAccumulator:
         qbar = self.means()
         ss = self.Q2 - 2 * qbar * self.Q1 + qbar ** 2 * self.W2
         return ss.clamp_min(0) * self._var_factor()
+
+    def span_moments(self, i: int, j: int, angles: int = 91) -> tuple[Tensor, Tensor]:
+        """``(means, var_of_mean)``, each ``(angles,)``: :meth:`means` and :meth:`var_of_mean`
+        of the unit vectors ``w = cos(phi) v_i + sin(phi) g`` of the span of rows ``i`` and ``j``
+        (``g`` row ``j`` made orthogonal to row ``i``), ``phi`` on a grid of ``angles`` over
+        ``[0, pi)`` (``w`` and ``-w`` have the same form), ``phi = 0`` being row ``i`` itself.
+
+        From the groups' cross forms: ``w^T H_g w = alpha^T M_g alpha`` with ``alpha`` ``w``'s
+        coefficients on the rows, so no product with ``w`` is needed.  Where row ``j`` is (to
+        rounding) parallel to row ``i``, only row ``i``.
+        """
+        V = self.V.double()
+        c = float(V[i] @ V[j])
+        s = math.sqrt(max(0.0, 1 - c * c))
+        phi = torch.linspace(0, math.pi, angles + 1, dtype=torch.float64, device=V.device)[:-1]
+        if s < 1e-6:
+            phi = phi[:1]
+        cos, sin = phi.cos(), phi.sin()
+        alpha = torch.zeros(len(phi), len(V), dtype=torch.float64, device=V.device)
+        alpha[:, i] = cos - (sin * c / s if s >= 1e-6 else 0.0)
+        if s >= 1e-6:
+            alpha[:, j] += sin / s
+        outer = (alpha[:, :, None] * alpha[:, None, :]).flatten(1)  # (A, k^2): alpha (x) alpha
+        means = outer @ self.F1.flatten() / self.W1
+        Q1 = outer @ self.FQ1.flatten()
+        Q2 = ((outer @ self.FQ2) * outer).sum(1)
+        ss = Q2 - 2 * means * Q1 + means ** 2 * self.W2
+        return means, ss.clamp_min(0) * self._var_factor()
 
     def cv_means(self) -> Tensor:
         """``(k,)`` holdout means of ``q - c`` (quadratic form minus its Gauss-Newton part);
@@ -540,7 +585,7 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
     v = accs[0].V[j].double()
     cv = population_forms is not None
     a = torch.zeros_like(v)
-    total = se2 = spread = dof_se = dof_sub = 0.0
+    total = se2 = spread = dof_se = 0.0
     t_all = sum(int(round(acc.W1)) for acc in accs)
     stds, means, noise_parts = [], [], []
     noise_sq = 0.0
@@ -575,30 +620,18 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
     margin = residual_margin(noise_parts, Z_RESIDUAL if z is None else z)
     residual = math.sqrt(raw) + margin
     fixed = 0.0
-    W = [n / N for n in Ns]
-    groups = [max(acc.groups - 1, 1) for acc in accs]
-    if subsample is not None:  # a uniform S: its exact part, and the population's spread
+    if subsample is not None:  # a uniform S: its exact part
         m, theta, res_s = subsample
         total += m * theta / N
         residual += m / N * res_s
         fixed = m / N * res_s
-        mu = sum(wh * x for wh, x in zip(W, means))
-        var_pop = sum(wh * (s * s + (x - mu) ** 2) for wh, s, x in zip(W, stds, means))
-        sub_var = var_pop * max(0.0, 1 - m / N) / max(m, 1)
-        parts = [wh * s * s for wh, s in zip(W, stds)]
     else:
         m = sum(ms)
-        parts = [wh ** 2 * s * s * max(0.0, 1 - mh / nh) / max(mh, 1)
-                 for wh, s, mh, nh in zip(W, stds, ms, Ns)]
-        sub_var = sum(parts)
-    dof_sub = sum(x * x / g for x, g in zip(parts, groups))
-    if z is not None and math.isfinite(se2) and math.isfinite(sub_var):  # Student's t (Satterthwaite)
-        if se2 > 0:
-            se2 *= student_factor(z, se2 ** 2 / dof_se) ** 2 if dof_se > 0 else 1.0
-        if sub_var > 0 and dof_sub > 0:
-            sub_var *= student_factor(z, sum(parts) ** 2 / dof_sub) ** 2
-    if math.isnan(sub_var):  # (a stratum without a spread: unknown, not "uniform")
-        sub_var = math.inf
+    dofs = [acc.groups - 1 for acc in accs]
+    sub_var = _subsample_var(stds, means, dofs, Ns, ms=None if subsample is not None else ms,
+                             m=m, z=z if math.isfinite(se2) else None)
+    if z is not None and math.isfinite(se2) and se2 > 0:  # Student's t (Satterthwaite)
+        se2 *= student_factor(z, se2 ** 2 / dof_se) ** 2 if dof_se > 0 else 1.0
     rest = sum(pools)
     fpc_m = max(0.0, 1 - m / N)
     return HoldoutEstimate(
@@ -606,6 +639,62 @@ def stratified_estimate(accs, j: int, ms, Ns, population_forms=None, pools=None,
         residual=residual, holdout=t_all, holdout_std=math.sqrt(spread) * N / rest if rest > 0 else 0.0,
         control_variate=cv, subsample_se=math.sqrt(sub_var), stratum_std=tuple(stds),
         residual_parts=(fixed, raw, noise_sq, margin))
+
+
+def _subsample_var(stds, means, dofs, Ns, ms=None, m: int = 0, z: float | None = None) -> float:
+    """Variance of a subsample's quadratic form about the population's, from per-stratum
+    spreads ``stds`` and ``means`` (each with ``dofs`` degrees of freedom) of strata of ``Ns``
+    samples (``N`` in all).
+
+    A stratified subsample (``ms[h]`` from stratum ``h``): ``sum_h W_h^2 sigma_h^2 (1 - m_h /
+    N_h) / m_h`` (``W_h = N_h / N``).  A uniform one of ``m`` samples (``ms=None``): ``sigma^2
+    (1 - m / N) / m``, with ``sigma^2 = sum_h W_h sigma_h^2 + sum_h W_h (mu_h - mu)^2`` put together
+    from the strata (one stratum: its own spread).  With ``z``, widened by Student's ``t`` over
+    ``z`` at the Satterthwaite degrees of freedom; ``inf`` where a spread is unknown.
+    """
+    N = sum(Ns)
+    W = [n / N for n in Ns]
+    groups = [max(d, 1) for d in dofs]
+    if ms is None:  # a uniform S
+        mu = sum(wh * x for wh, x in zip(W, means))
+        var_pop = sum(wh * (s * s + (x - mu) ** 2) for wh, s, x in zip(W, stds, means))
+        sub_var = var_pop * max(0.0, 1 - m / N) / max(m, 1)
+        parts = [wh * s * s for wh, s in zip(W, stds)]
+    else:
+        parts = [wh ** 2 * s * s * max(0.0, 1 - mh / nh) / max(mh, 1)
+                 for wh, s, mh, nh in zip(W, stds, ms, Ns)]
+        sub_var = sum(parts)
+    dof_sub = sum(x * x / g for x, g in zip(parts, groups))
+    if z is not None and math.isfinite(sub_var) and sub_var > 0 and dof_sub > 0:
+        sub_var *= student_factor(z, sum(parts) ** 2 / dof_sub) ** 2
+    return math.inf if math.isnan(sub_var) else sub_var  # (a stratum without a spread: unknown)
+
+
+def span_subsample_se(accs, i: int, j: int, Ns, ms=None, m: int = 0, z: float | None = None,
+                      angles: int = 91) -> float:
+    """The largest subsample standard error (as ``subsample_se`` of :func:`holdout_estimate` and
+    :func:`stratified_estimate`) over the unit vectors of the span of rows ``i`` and ``j``.
+
+    ``accs``: the holdout's accumulators, one per stratum (one for a uniform holdout, with
+    ``Ns = [N]``), over the same rows; ``ms``: a stratified subsample's allocation, or ``None``
+    and ``m`` a uniform one's size.  The subsample bound needs the spread of ``u^T H_d u`` along the
+    *extreme eigenvector* ``u``.  The vector ``v`` found on ``S`` spreads less exactly when
+    ``S`` under-represents ``u``: ``u``'s heavy samples missing from ``S`` are what turned ``v``
+    away from it.  The subsample's next Ritz vector (its guard) takes up most of what ``v``
+    lost (on the tests' MLP: ``u`` is 0.93-0.98 in ``v`` alone, 0.95-0.98 in the two), so the
+    largest spread over their span stands for ``u``'s.  It is at least ``v``'s own (``phi = 0``).
+    """
+    moments = [acc.span_moments(i, j, angles) for acc in accs]
+    dofs = [acc.groups - 1 for acc in accs]
+    t = [acc.W1 for acc in accs]
+    if any(acc.groups < 2 for acc in accs):
+        return math.inf
+    best = 0.0
+    for a in range(len(moments[0][0])):
+        stds = [math.sqrt(float(var[a]) * th) for (_, var), th in zip(moments, t)]
+        means = [float(mean[a]) for mean, _ in moments]
+        best = max(best, _subsample_var(stds, means, dofs, Ns, ms=ms, m=m, z=z))
+    return math.sqrt(best)
 
 
 def holdout_size_for(estimate: HoldoutEstimate, z: float, target: float, m: int, N: int) -> int:

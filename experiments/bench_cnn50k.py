@@ -10,7 +10,9 @@ Per checkpoint ``E`` in ``--epochs``:
 * **cold**: ``curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s)`` for each seed, default
   tolerances (1 % / 5 %); with ``--curvature none,kfac,...`` once per flag (issue 14), and with
   ``--cold-la`` also ``lambda_max`` alone, and with ``--strata-cut equal,optimal`` once per way
-  of cutting ``lambda_min``'s strata (``POLICY.strata_cut``; issue 13);
+  of cutting ``lambda_min``'s strata (``POLICY.strata_cut``; issue 13), and with
+  ``--span-spread 1,0`` with and without the subsample bound's span spread
+  (``POLICY.span_spread``);
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, and with ``--strata-cut``, under each cut, side by side) and
@@ -225,11 +227,16 @@ def main(argv=None):
     p.add_argument("--strata-cut", default=None,
                    help="comma-separated POLICY.strata_cut values ('equal', 'optimal') for the cold "
                         "calls, side by side (default: curvlab's)")
+    p.add_argument("--span-spread", default=None,
+                   help="comma-separated POLICY.span_spread values (1, 0) for the cold calls, side "
+                        "by side (default: curvlab's)")
     args = p.parse_args(argv)
     if args.score:
         return score(args.score, Path(args.cache))
     flags = args.curvature.split(",")
     cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
+    spans = ([bool(int(x)) for x in args.span_spread.split(",")] if args.span_spread
+             else [multilevel.POLICY.span_spread])
     cache = Path(args.cache)
     data = find_cifar10(args.data)
     X, Y = make_data(data, BIG, POOL)
@@ -258,15 +265,16 @@ def main(argv=None):
         out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
         first, first_flag = None, None
         for s in range(args.first_seed, args.first_seed + args.seeds):
-            for flag, cut in [(f, c) for f in flags for c in cuts]:
+            for flag, cut, span in [(f, c, sp) for f in flags for c in cuts for sp in spans]:
                 for which in ("both", "LA") if args.cold_la else ("both",):
-                    with policy(strata_cut=cut):
+                    with policy(strata_cut=cut, span_spread=span):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
                                              curvature=flag, which=which)
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
                         first, first_flag = r, flag  # the floors' vectors: the first seed's, "none" first
                     label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (
-                        f" {cut}" if len(cuts) > 1 else "") + (" LA" if which == "LA" else "")
+                        f" {cut}" if len(cuts) > 1 else "") + (
+                        f" span {int(span)}" if len(spans) > 1 else "") + (" LA" if which == "LA" else "")
                     out["calls"].append(row(label, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import curvlab
-from curvlab.sampling import HoldoutAccumulator, stratified_estimate
+from curvlab.sampling import HoldoutAccumulator, span_subsample_se, stratified_estimate
 from curvlab.strata import Design, StratifiedOperator
 
 D = torch.float64
@@ -122,6 +122,31 @@ def test_post_stratified_holdout_outside_a_uniform_subsample():
     vals = torch.tensor(values, dtype=D)
     assert abs(float(vals.mean()) - truth) <= 4 * float(vals.std()) / math.sqrt(len(vals))
     assert covered / len(values) >= 0.91, covered
+
+
+def test_span_spread_of_one_vector_is_the_stratified_estimates_own():
+    # span_subsample_se over a span that is one vector (guard = extreme) gives the stratified
+    # estimate's subsample_se, for a stratified S (allocation ms) and for a uniform S of m
+    # (post-stratified: the population's spread put together from the strata)
+    from curvlab.multilevel import POLICY, _group_sizes
+    A, proxy, u = _population(N=3000)
+    g = torch.Generator().manual_seed(5)
+    design = Design.by_proxy(proxy, 6, g)
+    alloc = design.allocate(400)
+    taken = design.holdout_allocation(900, alloc, [0] * 6, POLICY.stratum_holdout)
+    accs = []
+    for h, (t, group) in enumerate(zip(taken, _group_sizes(design, taken))):
+        idx = design.holdout_part(h, alloc, 0, t)
+        acc = HoldoutAccumulator(torch.stack([u, u]))
+        for s in range(0, len(idx), group):
+            acc.add(torch.stack([u, u]) @ A[idx[s:s + group]].mean(0), len(idx[s:s + group]))
+        accs.append(acc)
+    est = stratified_estimate(accs, 0, alloc, design.sizes, z=Z95)
+    wide = span_subsample_se(accs, 0, 1, design.sizes, ms=alloc, z=Z95)
+    assert wide == pytest.approx(est.subsample_se, rel=1e-9)
+    est = stratified_estimate(accs, 0, alloc, design.sizes, subsample=(400, 1.0, 0.0), z=Z95)
+    wide = span_subsample_se(accs, 0, 1, design.sizes, m=400, z=Z95)
+    assert wide == pytest.approx(est.subsample_se, rel=1e-9)
 
 
 def test_post_stratified_residual_bound_covers():
