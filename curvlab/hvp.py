@@ -229,7 +229,7 @@ class HessianOperator(DataLoop):
         return total[0] if single else total
 
     def holdout_statistics(self, V: Tensor, group_size: int = 64, gauss_newton: Tensor | None = None,
-                           blocks: int = 16):
+                           blocks: int = 16, cross: bool = False):
         """Products ``H_g V`` over groups ``g`` of about ``group_size`` samples, as sums.
 
         Returns a :class:`curvlab.sampling.HoldoutAccumulator` for the ``k`` rows of
@@ -247,6 +247,9 @@ class HessianOperator(DataLoop):
         fewer groups), whose spread bounds the residual
         (:func:`curvlab.sampling.residual_margin`); each costs one copy of ``V``.
 
+        ``cross``: also keep the groups' forms between rows, ``V H_g V^T`` (``k^4`` numbers;
+        :meth:`curvlab.sampling.HoldoutAccumulator.span_moments`).
+
         Cost: the same as :meth:`matvec` on ``V`` (``k * N`` per-sample products), plus
         one forward-mode pass per masked row (``grad_samples``).
         """
@@ -263,7 +266,7 @@ class HessianOperator(DataLoop):
         rows = mask.nonzero().flatten().tolist()
         expected = -(-self.num_samples // group_size)  # groups, if batches can be cut
         # (fewer blocks than groups are useless; a bad ``blocks`` reaches the accumulator's check)
-        acc = HoldoutAccumulator(V, blocks=min(blocks, max(2, expected)))
+        acc = HoldoutAccumulator(V, blocks=min(blocks, max(2, expected)), cross=cross)
         scalars = torch.zeros(5, dtype=torch.float64, device=self.device)  # W1, W2, groups, forms, failed
         state = dict(forms=0, failed=0)
 

@@ -87,7 +87,8 @@ class MultilevelPolicy:
         span_spread: the subsample bound's spread is the largest over the span of the
             extreme and guard vectors (:func:`curvlab.sampling.span_subsample_se`), not the
             extreme vector's own (which understates the extreme eigenvector's when ``S``
-            under-represents it; ``False`` only to measure what that costs).
+            under-represents it; an end without a guard keeps its own; ``False`` only to
+            measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
@@ -609,6 +610,8 @@ def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends:
     span: dict = {}
 
     def widened(e, est):
+        # (only the subsample bound's spread: stratum_std, which allocates the next level's
+        # strata, stays the found vector's per-stratum spread)
         if not span.get(e, 0.0) > subsample_se(est, m, N):
             return est
         fpc = max(0.0, 1 - m / N)
@@ -637,7 +640,8 @@ def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends:
                 HT = H.subset(plan.design.holdout_part(h, plan.shape, a, b))
                 ctx.book(HT.cost, "certify")
                 parts.append(HT.holdout_statistics(torch.stack(rows), group_size=plan.groups[h],
-                                                   gauss_newton=mask, blocks=POLICY.residual_blocks))
+                                                   gauss_newton=mask, blocks=POLICY.residual_blocks,
+                                                   cross=bool(checked) and POLICY.span_spread))
             for j, e in enumerate(mine):
                 for h, part in enumerate(parts):
                     if part is not None:

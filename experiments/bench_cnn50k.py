@@ -2,8 +2,11 @@
 
 Model and checkpoints as in ``experiments/bench_correctness.py``: ResNet-8 (channels 8, 16, 32,
 BatchNorm) on 16x16 images, trained on all 50,000 training images with crops and flips,
-``c50k-e{E}`` after ``E`` epochs (cached; trained once, deterministic on one thread).  The
-Hessian is over the 50,000 unaugmented images in eval mode.
+``c50k-e{E}`` after ``E`` epochs (cached; trained once).  Training is repeatable on one machine
+at one thread count, not across them: the checkpoint records its thread count (``threads``),
+and a fresh cache is a new checkpoint whose references must be computed again
+(``--reference``; BENCHMARKS.md lists which checkpoint each figure is from).  The Hessian is
+over the 50,000 unaugmented images in eval mode.
 
 Per checkpoint ``E`` in ``--epochs``:
 

@@ -201,7 +201,7 @@ def big_checkpoints(cache: Path, data, epochs: list[int], X, Y) -> dict:
             tl, acc = evaluate(model, X, Y)
             _save(paths[ep], model, dict(name=f"c50k-e{ep}", images=len(X), epochs=ep, augment="crop pad 2 + flip",
                                          lr=0.05, batch=128, weight_decay=5e-4, train_loss=tl,
-                                         train_acc=acc, train_seconds=sec))
+                                         train_acc=acc, train_seconds=sec, threads=torch.get_num_threads()))
             log(f"trained c50k to epoch {ep} in {sec:.0f} s: train acc {acc:.3f}, loss {tl:.3f} "
                 f"(eval mode, unaugmented)")
         model.eval()

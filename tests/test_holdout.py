@@ -34,8 +34,8 @@ def _population(N=4000, n=8, seed=0):
     return A
 
 
-def _groups(A, idx, V, group):
-    acc = HoldoutAccumulator(V)
+def _groups(A, idx, V, group, cross=False):
+    acc = HoldoutAccumulator(V, cross=cross)
     for s in range(0, len(idx), group):
         Hg = A[idx[s:s + group]].mean(0)
         acc.add(V @ Hg, len(idx[s:s + group]))
@@ -478,7 +478,7 @@ def test_span_moments_are_those_of_the_combined_vector():
     V = torch.randn(3, 8, generator=g, dtype=D)
     V = V / V.norm(dim=1, keepdim=True)
     cuts = list(range(0, 600, 50)) + [610]  # 11 groups of 50 and one of 60
-    acc = HoldoutAccumulator(V)
+    acc = HoldoutAccumulator(V, cross=True)
     for a, b in zip(cuts[:-1], cuts[1:]):
         acc.add(V @ A[a:b].mean(0), b - a)
     means, var = acc.span_moments(0, 2, angles=12)
@@ -496,21 +496,38 @@ def test_span_moments_are_those_of_the_combined_vector():
     m1, v1 = row.span_moments(0, 0)
     torch.testing.assert_close(m1, row.means())
     torch.testing.assert_close(v1, row.var_of_mean())
-    half = HoldoutAccumulator(V)
+    half = HoldoutAccumulator(V, cross=True)
     for a, b in zip(cuts[:6], cuts[1:7]):
         half.add(V @ A[a:b].mean(0), b - a)
-    rest = HoldoutAccumulator(V)
+    rest = HoldoutAccumulator(V, cross=True)
     for a, b in zip(cuts[6:-1], cuts[7:]):
         rest.add(V @ A[a:b].mean(0), b - a)
     half.merge(rest)
     torch.testing.assert_close(half.span_moments(0, 2, angles=12)[1], var)
+    # groups without cross forms: the merged sums have none, and asking says so
+    plain = HoldoutAccumulator(V)
+    plain.add(V @ A[:50].mean(0), 50)
+    half.merge(plain)
+    with pytest.raises(ValueError, match="cross=True"):
+        half.span_moments(0, 2)
+
+
+def test_span_spread_of_a_single_group_is_unknown():
+    # one holdout group: no spread, so no subsample bound (inf, as the estimates' own se)
+    A = _population(N=100)
+    V = torch.linalg.qr(torch.randn(8, 2, dtype=D))[0].T
+    acc = _groups(A, torch.arange(100), V, 100, cross=True)
+    assert acc.groups == 1
+    assert span_subsample_se([acc], 0, 1, [1000], m=100, z=Z95) == math.inf
 
 
 def _heavy_top_population(N=4000, n=6, seed=0):
     """Per-sample matrices whose top eigenvector ``e_0`` carries its curvature on 3 % of the
-    samples (weights 5-15, mean 0.3), above a light direction ``e_1`` (0.30 on every sample)
-    and a bulk below 0.1, with symmetric noise: a subsample that misses the heavy samples finds
-    ``e_1`` on top, and ``e_1``'s spread (0.05) says nothing of ``e_0``'s (about 1.8)."""
+    samples (weights 5-15), above a light direction ``e_1`` (0.30 on every sample, noise
+    0.05) and a bulk below 0.1, with symmetric noise: at seed 0 the means along ``e_0`` and
+    ``e_1`` are 0.319 and 0.298 (the top eigenvalues, eigenvector ``e_0`` to 0.002), and the
+    per-sample spreads 1.83 and 0.072.  A subsample that misses heavy samples finds ``e_1`` on
+    top, whose spread says nothing of ``e_0``'s."""
     g = torch.Generator().manual_seed(seed)
     A = torch.zeros(N, n, n, dtype=D)
     A[:, 0, 0] = (torch.rand(N, generator=g) < 0.03).to(D) * 10 * (0.5 + torch.rand(N, generator=g, dtype=D))
@@ -537,7 +554,7 @@ def test_subsample_bound_takes_the_spread_over_the_extreme_and_guard_span():
         S, T = perm[:m], perm[m:m + t]
         ev, U = torch.linalg.eigh(A[S].mean(0))
         V = torch.stack([U[:, -1], U[:, -2]])  # the extreme vector and its guard
-        acc = _groups(A, T, V, group)
+        acc = _groups(A, T, V, group, cross=True)
         est = holdout_estimate(acc.row(0), 0, float(ev[-1]), 0.0, m, N, z=Z95)
         own += extreme_interval("max", est, float(ev[-1]), 0.0, Z95, m, N)[1] < lmax
         wide = span_subsample_se([acc], 0, 1, [N], m=m, z=Z95)
@@ -553,7 +570,7 @@ def test_span_spread_of_one_vector_is_the_estimates_own():
     # subsample standard error as holdout_estimate's (Student's t included)
     A = _population(N=2000)
     v = torch.linalg.qr(torch.randn(8, 1, dtype=D))[0].T[0]
-    acc = _groups(A, torch.arange(300, 900), torch.stack([v, v]), 25)
+    acc = _groups(A, torch.arange(300, 900), torch.stack([v, v]), 25, cross=True)
     est = holdout_estimate(acc.row(0), 0, 1.0, 0.0, 300, 2000, z=Z95)
     assert span_subsample_se([acc], 0, 1, [2000], m=300, z=Z95) == pytest.approx(subsample_se(est, 300, 2000), rel=1e-9)
 

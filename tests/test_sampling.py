@@ -159,8 +159,9 @@ def test_subsample_bound_spreads_as_the_top_eigenvector(mlp_problem):
     # at m = 400, seed 0, the subsample's top vector spreads less than the top eigenvector u
     # (per-sample std of v^T H_d v 0.61 against u's 1.07): with the found vector's spread, the
     # first level accepted (0.684, 0.747), excluding the dense 0.764.  The bound's spread is the
-    # largest over the span of the extreme and guard vectors (span_subsample_se): measured
-    # 0.97 of u's here, so the level goes on to a larger subsample and the interval covers
+    # largest over the span of the extreme and guard vectors (span_subsample_se): here its
+    # subsample standard error is 0.97 of the one u's exact spread gives (0.93 before Student's
+    # t at 31 degrees of freedom), so the level goes on to a larger subsample and covers
     model, X, Y, lmin, lmax, slack = mlp_problem
     N, m = len(X), 400
     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,

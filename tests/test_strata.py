@@ -124,29 +124,46 @@ def test_post_stratified_holdout_outside_a_uniform_subsample():
     assert covered / len(values) >= 0.91, covered
 
 
-def test_span_spread_of_one_vector_is_the_stratified_estimates_own():
-    # span_subsample_se over a span that is one vector (guard = extreme) gives the stratified
-    # estimate's subsample_se, for a stratified S (allocation ms) and for a uniform S of m
-    # (post-stratified: the population's spread put together from the strata)
+def test_span_spread_is_the_largest_stratified_estimates_over_the_span():
+    # span_subsample_se against its definition: for each direction w of the span of two
+    # (non-orthogonal) rows, one-row holdouts of w in every stratum and stratified_estimate's
+    # subsample_se; the largest over the same grid of angles.  For a stratified S (allocation
+    # ms) and a uniform S of m (post-stratified: the population's spread put together from the
+    # strata)
     from curvlab.multilevel import POLICY, _group_sizes
     A, proxy, u = _population(N=3000)
     g = torch.Generator().manual_seed(5)
+    other = torch.randn(len(u), generator=g, dtype=D)
+    V = torch.stack([other / other.norm(), u])  # (the found vector, then one nearer the heavy u)
+    perp = V[1] - (V[1] @ V[0]) * V[0]
+    perp = perp / perp.norm()
     design = Design.by_proxy(proxy, 6, g)
     alloc = design.allocate(400)
     taken = design.holdout_allocation(900, alloc, [0] * 6, POLICY.stratum_holdout)
-    accs = []
-    for h, (t, group) in enumerate(zip(taken, _group_sizes(design, taken))):
-        idx = design.holdout_part(h, alloc, 0, t)
-        acc = HoldoutAccumulator(torch.stack([u, u]))
-        for s in range(0, len(idx), group):
-            acc.add(torch.stack([u, u]) @ A[idx[s:s + group]].mean(0), len(idx[s:s + group]))
-        accs.append(acc)
-    est = stratified_estimate(accs, 0, alloc, design.sizes, z=Z95)
-    wide = span_subsample_se(accs, 0, 1, design.sizes, ms=alloc, z=Z95)
-    assert wide == pytest.approx(est.subsample_se, rel=1e-9)
-    est = stratified_estimate(accs, 0, alloc, design.sizes, subsample=(400, 1.0, 0.0), z=Z95)
-    wide = span_subsample_se(accs, 0, 1, design.sizes, m=400, z=Z95)
-    assert wide == pytest.approx(est.subsample_se, rel=1e-9)
+
+    def holdouts(W, cross):
+        accs = []
+        for h, (t, group) in enumerate(zip(taken, _group_sizes(design, taken))):
+            idx = design.holdout_part(h, alloc, 0, t)
+            acc = HoldoutAccumulator(W, cross=cross)
+            for s in range(0, len(idx), group):
+                acc.add(W @ A[idx[s:s + group]].mean(0), len(idx[s:s + group]))
+            accs.append(acc)
+        return accs
+
+    accs = holdouts(V, True)
+    angles = 12
+    for kw, sub in ((dict(ms=alloc), None), (dict(m=400), (400, 1.0, 0.0))):
+        best = 0.0
+        for k in range(angles):
+            phi = k * math.pi / angles
+            w = math.cos(phi) * V[0] + math.sin(phi) * perp
+            est = stratified_estimate(holdouts(w[None], False), 0, alloc, design.sizes, subsample=sub, z=Z95)
+            best = max(best, est.subsample_se)
+        wide = span_subsample_se(accs, 0, 1, design.sizes, z=Z95, angles=angles, **kw)
+        assert wide == pytest.approx(best, rel=1e-9), kw
+        own = stratified_estimate([a.row(0) for a in accs], 0, alloc, design.sizes, subsample=sub, z=Z95)
+        assert wide > 1.05 * own.subsample_se  # (the span holds u, which spreads more)
 
 
 def test_post_stratified_residual_bound_covers():
