@@ -247,7 +247,7 @@ class HoldoutAccumulator:
             if name not in ("F1", "FQ1", "FQ2"):
                 setattr(out, name, getattr(self, name)[j:j + 1].clone())
         if self.cross:
-            k, d = len(self.V), j * len(self.V) + j
+            d = j * len(self.V) + j  # (row j, column j of the k x k forms, flattened)
             out.F1, out.FQ1 = self.F1[j:j + 1, j:j + 1].clone(), self.FQ1[j:j + 1, j:j + 1].clone()
             out.FQ2 = self.FQ2[d:d + 1, d:d + 1].clone()
         return out
