@@ -91,6 +91,9 @@ class MultilevelPolicy:
             measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
+        half_level: when the next size passes ``N / 2`` after a level under ``N / 4``, run
+            one level on ``N / 2`` images before the exact stage (an experiment, off:
+            BENCHMARKS.md, "The subsample bound's spread over the extreme and guard span").
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
@@ -127,6 +130,7 @@ class MultilevelPolicy:
     span_spread: bool = True
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
+    half_level: bool = False
 
 
 POLICY = MultilevelPolicy()
@@ -196,6 +200,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         remaining = ctx.max_hvps - ctx.spent()
         if remaining <= 0:
             break
+        if 2 * m > N and POLICY.half_level and levels and 4 * m_used <= N:
+            m = N // 2  # (one level on half the images before the exact stage: measured, off)
         if 2 * m > N:
             if last and remaining < POLICY.exact_products * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals

@@ -174,6 +174,22 @@ def test_subsample_bound_spreads_as_the_top_eigenvector(mlp_problem):
     assert first["subsample_se"] >= 0.85 * sigma_u * math.sqrt((1 - m / N) / m), (first, sigma_u)
 
 
+def test_half_level_before_the_exact_stage(mlp_problem, monkeypatch):
+    # POLICY.half_level (off by default): after a level of 400 (under N/4 = 750) whose next size
+    # passes N/2, one level on N/2 = 1,500 samples runs before the exact stage; the intervals
+    # still hold the dense truth (here lambda_min still needs the exact stage afterwards)
+    from curvlab import multilevel
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    kw = dict(sampling="multilevel", sample_size=100, tol=0.05, tol_min=0.05, seed=0, batch_size=500)
+    off = curvlab.extremes(model, F.cross_entropy, (X, Y), **kw)
+    assert [lv["sample_size"] for lv in off.levels] == [100, 400]
+    monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, half_level=True))
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), **kw)
+    assert [lv["sample_size"] for lv in r.levels] == [100, 400, len(X) // 2]
+    check_end(r, "max", lmax, 0.05, slack)
+    check_end(r, "min", lmin, 0.05, slack)
+
+
 def test_multilevel_on_a_dataloader(mlp_problem):
     # the same samples from a DataLoader over a TensorDataset: subsets and holdouts are
     # drawn from its batches; the answer is checked against the dense truth and equals
