@@ -284,8 +284,12 @@ class HoldoutAccumulator:
 
     def var_of_mean(self) -> Tensor:
         """``(k,)`` estimated variance of :meth:`means` (with-replacement form, no correction)."""
-        qbar = self.means()
-        ss = self.Q2 - 2 * qbar * self.Q1 + qbar ** 2 * self.W2
+        return self._var_of(self.means(), self.Q1, self.Q2)
+
+    def _var_of(self, mean: Tensor, first: Tensor, second: Tensor) -> Tensor:
+        """Estimated variance of a holdout mean ``mean`` of group values ``x_g``, from
+        ``first = sum n_g^2 x_g`` and ``second = sum n_g^2 x_g^2`` (with-replacement form)."""
+        ss = second - 2 * mean * first + mean ** 2 * self.W2
         return ss.clamp_min(0) * self._var_factor()
 
     def span_moments(self, i: int, j: int, angles: int = 91) -> tuple[Tensor, Tensor]:
@@ -308,16 +312,14 @@ class HoldoutAccumulator:
         if s < 1e-6:
             phi = phi[:1]
         cos, sin = phi.cos(), phi.sin()
+        # g = (v_j - c v_i) / s, so w = (cos - sin c / s) v_i + (sin / s) v_j
+        on_i, on_j = (-c / s, 1 / s) if s >= 1e-6 else (0.0, 0.0)
         alpha = torch.zeros(len(phi), len(V), dtype=torch.float64, device=V.device)
-        alpha[:, i] = cos - (sin * c / s if s >= 1e-6 else 0.0)
-        if s >= 1e-6:
-            alpha[:, j] += sin / s
+        alpha[:, i] = cos + sin * on_i
+        alpha[:, j] += sin * on_j
         outer = (alpha[:, :, None] * alpha[:, None, :]).flatten(1)  # (A, k^2): alpha (x) alpha
         means = outer @ self.F1.flatten() / self.W1
-        Q1 = outer @ self.FQ1.flatten()
-        Q2 = ((outer @ self.FQ2) * outer).sum(1)
-        ss = Q2 - 2 * means * Q1 + means ** 2 * self.W2
-        return means, ss.clamp_min(0) * self._var_factor()
+        return means, self._var_of(means, outer @ self.FQ1.flatten(), ((outer @ self.FQ2) * outer).sum(1))
 
     def cv_means(self) -> Tensor:
         """``(k,)`` holdout means of ``q - c`` (quadratic form minus its Gauss-Newton part);
@@ -326,9 +328,7 @@ class HoldoutAccumulator:
 
     def cv_var_of_mean(self) -> Tensor:
         """``(k,)`` estimated variance of :meth:`cv_means` (as :meth:`var_of_mean`)."""
-        dbar = self.cv_means()
-        ss = (self.Q2 - 2 * self.QC + self.C2) - 2 * dbar * (self.Q1 - self.C1) + dbar ** 2 * self.W2
-        return ss.clamp_min(0) * self._var_factor()
+        return self._var_of(self.cv_means(), self.Q1 - self.C1, self.Q2 - 2 * self.QC + self.C2)
 
     def perp_block_deviations(self, j: int) -> tuple[Tensor | None, int]:
         """``(X, dof)``: the rows ``sqrt(W_b / (B - 1)) (I - v v^T)(a_b - a)`` in float64 over
