@@ -10,13 +10,20 @@
 
 ``width`` scales every channel count, so a CPU run can use e.g.
 ``resnet20(width=0.5)``.
+
+``noisy_mlp``: the small tanh classifier on synthetic noisy labels that the tests and
+``experiments/bench_mlp_span.py`` share (its dense Hessian is cheap, so every figure made on it
+can be checked against the exact spectrum).
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "resnet18", "build_model", "MODELS"]
+__all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "resnet18", "build_model", "MODELS",
+           "noisy_mlp"]
 
 
 class BasicBlock(nn.Module):
@@ -92,3 +99,20 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10) -> CifarRe
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](width=width, num_classes=num_classes)
+
+
+def noisy_mlp(N: int = 3000, seed: int = 0, noise: float = 0.7, steps: int = 100, adam: bool = False):
+    """``(model, X, Y)``: a 6-8-3 tanh classifier (float64, 83 parameters) trained on ``N``
+    Gaussian inputs whose label is the argmax of the first three coordinates plus ``noise``
+    times Gaussian noise; 100 full-batch SGD steps, or with ``adam`` fit hard by Adam."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    Y = (X[:, :3] + noise * torch.randn(N, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05) if adam else torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        opt.step()
+    return model, X, Y

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import curvlab
 from curvlab.sampling import extreme_interval, holdout_rayleigh, sample_size_for
 
 from conftest import dense_hessian, per_sample_curvature
+from experiments.models import noisy_mlp
 
 D = torch.float64
 
@@ -94,19 +94,9 @@ def test_bad_holdout():
 
 
 def _trained_mlp(N=3000, seed=0, noise=0.7, steps=100, adam=False):
-    """A 6-8-3 tanh classifier trained on noisy labels (``noise``: the label noise's scale;
-    ``adam``: fit hard with Adam rather than 100 SGD steps)."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(N, 6, generator=g, dtype=D)
-    Y = (X[:, :3] + noise * torch.randn(N, 3, generator=g, dtype=D)).argmax(1)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05) if adam else torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(X), Y).backward()
-        opt.step()
-    return model, X, Y
+    """A 6-8-3 tanh classifier trained on noisy labels (:func:`experiments.models.noisy_mlp`,
+    shared with ``experiments/bench_mlp_span.py``)."""
+    return noisy_mlp(N, seed, noise, steps, adam)
 
 
 def with_truth(model, X, Y):
