@@ -91,9 +91,11 @@ class MultilevelPolicy:
             measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
-        half_level: when the next size passes ``N / 2`` after a level under ``N / 4``, run
-            one level on ``N / 2`` images before the exact stage (an experiment, off:
-            BENCHMARKS.md, "The subsample bound's spread over the extreme and guard span").
+        half_level, half_margin: when the next size passes ``N / 2`` after a level under
+            ``N / 4``, run one level on ``N / 2`` images before the exact stage if every end
+            left is predicted to meet its target there, within ``half_margin`` times it
+            (:func:`_half_prediction`; BENCHMARKS.md, "The subsample bound's spread over the
+            extreme and guard span" and "A half level when it is predicted to pass").
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
@@ -130,7 +132,8 @@ class MultilevelPolicy:
     span_spread: bool = True
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
-    half_level: bool = False
+    half_level: bool = True
+    half_margin: float = 1.25
 
 
 POLICY = MultilevelPolicy()
@@ -175,7 +178,9 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     4. an end is done when its half-width is within tolerance.  Otherwise the
        subsample-dependent part of its width decides the next size
        (``m' = m (width / target)^2``, at least ``2m``); once ``m' > N/2`` the
-       remaining ends are solved exactly on all data.
+       remaining ends are solved exactly on all data, after one level on ``N/2``
+       samples when the last level was under ``N/4`` and every end left is predicted to
+       pass there (:func:`_half_prediction`, ``POLICY.half_level``).
 
     When the budget (``max_hvps``) runs out, the ends not done are returned
     with their last intervals and ``converged = False``.  A level's subsample
@@ -196,12 +201,14 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     sizes: dict = {}
     levels: List[dict] = []
     start, m_used = v0, m
+    ahead: dict = {}  # end -> its predicted half-width on N/2 images over its target
     while todo:
         remaining = ctx.max_hvps - ctx.spent()
         if remaining <= 0:
             break
-        if 2 * m > N and POLICY.half_level and levels and 4 * m_used <= N:
-            m = N // 2  # (one level on half the images before the exact stage: measured, off)
+        if (2 * m > N and POLICY.half_level and levels and 4 * m_used <= N
+                and all(e in ahead and ahead[e] <= POLICY.half_margin for e in todo)):
+            m = N // 2  # one level on half the images first: every end left should pass there
         if 2 * m > N:
             if last and remaining < POLICY.exact_products * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals
@@ -257,6 +264,7 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         if design.stratified:
             level["allocation"] = list(alloc)
         need = m
+        ahead = {}
         for end in todo:
             theta, vec, res, conv, nxt = found[end]
             est = ests[end]
@@ -290,6 +298,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             else:
                 last[end] = entry
                 short[end] = target
+                ahead[end] = _half_prediction(ctx, end, found[end], est, m) / target
+                level["ends"][end]["half_prediction"] = ahead[end]
         for end, target in short.items():
             # an end alone at the next level gets a Neyman subsample for its spreads: its
             # subsample spread falls by that allocation's gain over this level's
@@ -482,6 +492,32 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     if not math.isfinite(want):  # no bound on S holds (an overturned end): grow the most
         return int(min(N, POLICY.max_growth * m))
     return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
+
+
+def _half_prediction(ctx: _Context, end: str, pair: EndPair, est, m: int) -> float:
+    """The half-width ``end``'s interval is predicted to have at a level on ``N / 2`` samples.
+
+    The level's width is ``|r - theta_S| + res + z (se + se_S)`` (the holdout's Rayleigh
+    quotient ``r`` against the subsample's Ritz value, the search's residual, the holdout's and
+    the subsample bound's standard errors).  The sampling parts scale with the finite-population
+    factor ``f = sqrt(((1 - m'/N)/m') / ((1 - m/N)/m))`` at ``m' = N/2``; the half level's holdout
+    is taken as spreading like its subsample (``se' = f se_S``: a whole-strata holdout of
+    ``N/2`` does); the residual stays.  ``inf`` when the level's interval had an open side.
+    Measured against what the half level then gave (BENCHMARKS.md): conservative on the
+    checkpoints tried (0.077 and 0.084 predicted, 0.048 and 0.042 found; the tests' MLP 0.016-0.033
+    predicted, 0.016-0.028 found).
+    """
+    N = ctx.H.num_samples
+    half = N // 2
+    se_s = subsample_se(est, m, N)
+    if not (math.isfinite(se_s) and math.isfinite(est.value)) or m >= half:
+        return math.inf
+    interval, _, _ = _level_interval(ctx, end, pair, est, m)
+    if not all(math.isfinite(x) for x in interval):
+        return math.inf
+    f = math.sqrt(((1 - half / N) / half) / ((1 - m / N) / m))
+    gap = abs(est.value - pair.theta)
+    return (f * gap + pair.residual + 2 * ctx.z * f * se_s) / 2
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:

@@ -15,7 +15,7 @@ Per checkpoint ``E`` in ``--epochs``:
   ``--cold-la`` also ``lambda_max`` alone, and with ``--strata-cut equal,optimal`` once per way
   of cutting ``lambda_min``'s strata (``POLICY.strata_cut``; issue 13), and with
   ``--span-spread 1,0`` with and without the subsample bound's span spread
-  (``POLICY.span_spread``); ``--half-level`` turns ``POLICY.half_level`` on for the cold calls;
+  (``POLICY.span_spread``); ``--half-level 0`` (or ``1``) sets ``POLICY.half_level`` for the cold calls;
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, and with ``--strata-cut``, under each cut, side by side) and
@@ -230,8 +230,9 @@ def main(argv=None):
     p.add_argument("--strata-cut", default=None,
                    help="comma-separated POLICY.strata_cut values ('equal', 'optimal') for the cold "
                         "calls, side by side (default: curvlab's)")
-    p.add_argument("--half-level", action="store_true",
-                   help="POLICY.half_level on for every call (one level on N/2 before the exact stage)")
+    p.add_argument("--half-level", type=int, choices=(0, 1), default=None,
+                   help="POLICY.half_level for the cold calls (one level on N/2 before the exact stage when "
+                        "it is predicted to pass; default: curvlab's, on)")
     p.add_argument("--span-spread", default=None,
                    help="comma-separated POLICY.span_spread values (1, 0) for the cold calls, side "
                         "by side (default: curvlab's)")
@@ -239,6 +240,7 @@ def main(argv=None):
     if args.score:
         return score(args.score, Path(args.cache))
     flags = args.curvature.split(",")
+    half = multilevel.POLICY.half_level if args.half_level is None else bool(args.half_level)
     cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
     spans = ([bool(int(x)) for x in args.span_spread.split(",")] if args.span_spread
              else [multilevel.POLICY.span_spread])
@@ -272,7 +274,7 @@ def main(argv=None):
         for s in range(args.first_seed, args.first_seed + args.seeds):
             for flag, cut, span in [(f, c, sp) for f in flags for c in cuts for sp in spans]:
                 for which in ("both", "LA") if args.cold_la else ("both",):
-                    with policy(strata_cut=cut, span_spread=span, half_level=args.half_level):
+                    with policy(strata_cut=cut, span_spread=span, half_level=half):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
                                              curvature=flag, which=which)
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
