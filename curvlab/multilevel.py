@@ -96,6 +96,9 @@ class MultilevelPolicy:
             left is predicted to meet its target there, within ``half_margin`` times it
             (:func:`_half_prediction`; BENCHMARKS.md, "The subsample bound's spread over the
             extreme and guard span" and "A half level when it is predicted to pass").
+        warm_split: a warm call splits its ends (:func:`_warm_split`) when the previous
+            call's sizes are at least this many times apart (4, ``max_growth``, until
+            BENCHMARKS.md's "Warm calls at the retrained c50k-e15").
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
@@ -132,6 +135,7 @@ class MultilevelPolicy:
     span_spread: bool = True
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
+    warm_split: float = 2.0
     half_level: bool = True
     half_margin: float = 1.25
 
@@ -420,7 +424,7 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     """Per-end first subsample sizes for a warm call, or ``None`` (one schedule for both).
 
     When the previous call converged at both ends on subsamples whose sizes are at
-    least ``max_growth`` apart (typically ``lambda_max`` at the first level and
+    least ``warm_split`` times apart (typically ``lambda_max`` at the first level and
     ``lambda_min`` several levels later), this call searches each end from its own
     size: ``lambda_max`` first from its previous size, then ``lambda_min`` straight
     at its own (over ``warm_min_shrink``), rather than climbing the levels again
@@ -437,7 +441,7 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
     if any(2 * s > N for s in sizes.values()):
         return None
-    if max(sizes.values()) < POLICY.max_growth * min(sizes.values()):
+    if max(sizes.values()) < POLICY.warm_split * min(sizes.values()):
         return None
     first = {e: max(2, s) for e, s in sizes.items()}
     first["min"] = max(first["max"], first["min"] // max(1, POLICY.warm_min_shrink))

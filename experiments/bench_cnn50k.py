@@ -18,7 +18,8 @@ Per checkpoint ``E`` in ``--epochs``:
   (``POLICY.span_spread``); ``--half-level 0`` (or ``1``) sets ``POLICY.half_level`` for the cold calls;
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
-  of ``POLICY.warm_min_shrink``, and with ``--strata-cut``, under each cut, side by side) and
+  of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
+  and with ``--strata-cut``, under each cut, side by side) and
   ``lambda_max`` alone (``which="LA"``);
 * per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
   ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
@@ -221,6 +222,9 @@ def main(argv=None):
                    help="extremes(strata=...) for every call (default: curvlab's)")
     p.add_argument("--warm-seeds", type=int, default=1,
                    help="seeds of the warm calls (both ends; seed 0 also lambda_max alone)")
+    p.add_argument("--warm-split", default=None,
+                   help="comma-separated POLICY.warm_split values for the warm calls, side by side "
+                        "(default: curvlab's)")
     p.add_argument("--warm-shrink", default=None,
                    help="comma-separated POLICY.warm_min_shrink values for the warm calls, side by "
                         "side (default: curvlab's)")
@@ -289,22 +293,26 @@ def main(argv=None):
         if E - 1 >= 1 and not args.cold_only:
             prev_model, _ = load_checkpoint(paths[E - 1])
             prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
-            log(f"  (warm start: e{E - 1} call, {prev.cost.hvps * ratio:.1f} epochs)")
             out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
+            log(f"  (warm start: e{E - 1} call, {out['warm_start']['epochs']:.1f} epochs)")
             show_levels(out["warm_start"])
             shrinks = ([int(k) for k in args.warm_shrink.split(",")] if args.warm_shrink
                        else [multilevel.POLICY.warm_min_shrink])
+            splits = ([float(k) for k in args.warm_split.split(",")] if args.warm_split
+                      else [multilevel.POLICY.warm_split])
             calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {})
                      for s in range(args.first_seed, args.first_seed + args.warm_seeds)]
             calls.append(("warm LA", args.first_seed, {"which": "LA"}))
             for label, seed, kw in calls:
                 # (lambda_max alone: no split, no strata)
-                for k, cut in [(k, c) for k in (shrinks if not kw else shrinks[:1])
-                               for c in (cuts if not kw else cuts[:1])]:
-                    with policy(warm_min_shrink=k, strata_cut=cut):
+                for k, sp, cut in [(k, sp, c) for k in (shrinks if not kw else shrinks[:1])
+                                   for sp in (splits if not kw else splits[:1])
+                                   for c in (cuts if not kw else cuts[:1])]:
+                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
                     name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
+                        f" split {sp:g}" if len(splits) > 1 and not kw else "") + (
                         f" {cut}" if len(cuts) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))
                     show(out["calls"][-1])

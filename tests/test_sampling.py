@@ -329,7 +329,7 @@ def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_
 
 def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeypatch):
     # a previous call that certified lambda_max on 200 samples and lambda_min on 1,000 (at
-    # least max_growth apart, both within N/2): the warm call runs lambda_max's levels from
+    # least warm_split apart, both within N/2): the warm call runs lambda_max's levels from
     # 200 alone, then lambda_min's from 1,000 alone (from 500 with POLICY.warm_min_shrink = 2),
     # and both intervals hold the dense truth
     import dataclasses as dc
@@ -360,9 +360,15 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeyp
     assert any("min" in lv["ends"] for lv in r4.levels)
     assert math.isfinite(r4.lambda_min) and math.isfinite(r4.interval_min[1]) and r4.interval_min[1] >= lmin
     assert r4.sample_size == max(r4.sample_sizes.values())
-    # sizes closer than max_growth: one schedule for both ends, from the smaller
-    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, sample_sizes={"max": 400, "min": 800}), **kw)
+    # sizes closer than warm_split (2): one schedule for both ends, from the smaller
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, sample_sizes={"max": 400, "min": 600}), **kw)
     assert r3.levels[0]["sample_size"] == 400 and set(r3.levels[0]["ends"]) == {"max", "min"}
+    # 3.5x apart (split now; not under the earlier rule of max_growth = 4 apart)
+    r7 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, sample_sizes={"max": 200, "min": 700}), **kw)
+    ends = [(lv["sample_size"], set(lv["ends"])) for lv in r7.levels]
+    assert ends[0] == (200, {"max"}) and (700, {"min"}) in ends, ends
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r7, end, truth, 0.05, slack)
     # nor when the previous call did not converge at an end
     r5 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=dc.replace(prev, converged_min=False), **kw)
     assert set(r5.levels[0]["ends"]) == {"max", "min"}
