@@ -91,9 +91,9 @@ class MultilevelPolicy:
             measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
-        half_level, half_margin: when the next size passes ``N / 2`` after a level under
-            ``N / 4``, run one level on ``N / 2`` images before the exact stage if every end
-            left is predicted to meet its target there, within ``half_margin`` times it
+        half_level, half_margin: when the next size passes ``N / 2`` after a level of at
+            most ``N / 4``, run one level on ``N / 2`` images before the exact stage if the
+            budget affords it and every end left is predicted to meet its target there, within ``half_margin`` times it
             (:func:`_half_prediction`; BENCHMARKS.md, "The subsample bound's spread over the
             extreme and guard span" and "A half level when it is predicted to pass").
         warm_split: a warm call splits its ends (:func:`_warm_split`) when the previous
@@ -183,8 +183,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
        subsample-dependent part of its width decides the next size
        (``m' = m (width / target)^2``, at least ``2m``); once ``m' > N/2`` the
        remaining ends are solved exactly on all data, after one level on ``N/2``
-       samples when the last level was under ``N/4`` and every end left is predicted to
-       pass there (:func:`_half_prediction`, ``POLICY.half_level``).
+       samples when the last level was at most ``N/4``, the budget affords it, and every
+       end left is predicted to pass there (:func:`_half_prediction`, ``POLICY.half_level``).
 
     When the budget (``max_hvps``) runs out, the ends not done are returned
     with their last intervals and ``converged = False``.  A level's subsample
@@ -210,9 +210,12 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         remaining = ctx.max_hvps - ctx.spent()
         if remaining <= 0:
             break
+        # one level on half the images first when every end left should pass there and the
+        # budget affords that level whole (a smaller one is not what was predicted to pass)
         if (2 * m > N and POLICY.half_level and levels and 4 * m_used <= N
-                and all(e in ahead and ahead[e] <= POLICY.half_margin for e in todo)):
-            m = N // 2  # one level on half the images first: every end left should pass there
+                and all(e in ahead and ahead[e] <= POLICY.half_margin for e in todo)
+                and _fits(remaining, N, len(todo)) >= N // 2):
+            m = N // 2
         if 2 * m > N:
             if last and remaining < POLICY.exact_products * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals
@@ -223,7 +226,7 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         # a level should fit the budget left: a dozen products on S and a first holdout
         # chunk of m per end; under a tight budget the subsample shrinks to fit (a warm
         # start's vectors then get a few Krylov steps rather than none)
-        fit = int(remaining * N / (POLICY.level_products + POLICY.chunk_products * len(todo)))
+        fit = _fits(remaining, N, len(todo))
         if fit < m:
             if last and fit < POLICY.min_growth * m_used:
                 break  # a level that fits would not be larger than the last one
@@ -282,7 +285,7 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
                                       subsample_se=subsample_se(est, m, ctx.H.num_samples),
                                       residual_full=est.residual, interval=interval,
                                       control_variate=est.control_variate,
-                                      kato_temple=kt, accepted=ok,
+                                      kato_temple=kt, accepted=ok, target=target,
                                       overturned=end in ctx.overturned,
                                       stratum_std=est.stratum_std,
                                       strata_sizes=list(ctx.design.sizes) if est.stratum_std and ctx.design else [])
@@ -302,7 +305,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             else:
                 last[end] = entry
                 short[end] = target
-                ahead[end] = _half_prediction(ctx, end, found[end], est, m) / target
+                predicted = _half_prediction(ctx, found[end], est, m, interval)
+                ahead[end] = predicted / target if target > 0 else math.inf
                 level["ends"][end]["half_prediction"] = ahead[end]
         for end, target in short.items():
             # an end alone at the next level gets a Neyman subsample for its spreads: its
@@ -405,19 +409,20 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     """First subsample size of a warm-started call.
 
-    When the previous call certified every wanted end on subsamples, the
-    smallest of their sizes; when it needed the exact stage for one, its last
-    subsample level (whose vectors start the exact stage well; this call's
-    start vectors come from the previous one).  Default otherwise.
+    When the previous call certified every wanted end on subsamples under ``N/2``,
+    the smallest of their sizes; when it needed the exact stage or a half level (``N/2``)
+    for one, its last subsample level under ``N/2`` (whose vectors start the exact stage
+    well; this call's start vectors come from the previous one).  Default otherwise.
     """
     if sample_size is not None:
         return sample_size
     if init is None or init.num_samples != N:
         return DEFAULT_SAMPLE
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
-    if all(2 * s <= N for s in sizes.values()):
+    if all(2 * s < N for s in sizes.values()):
         return max(2, min(sizes.values()))
-    return init.levels[-1]["sample_size"] if init.levels else DEFAULT_SAMPLE
+    below = [lv["sample_size"] for lv in init.levels if 2 * lv["sample_size"] < N]
+    return below[-1] if below else DEFAULT_SAMPLE
 
 
 def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | None:
@@ -439,7 +444,7 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     if not (init.converged_max and init.converged_min):
         return None
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
-    if any(2 * s > N for s in sizes.values()):
+    if any(2 * s >= N for s in sizes.values()):  # (the exact stage or a half level: _warm_sizes)
         return None
     if max(sizes.values()) < POLICY.warm_split * min(sizes.values()):
         return None
@@ -498,25 +503,32 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
 
 
-def _half_prediction(ctx: _Context, end: str, pair: EndPair, est, m: int) -> float:
-    """The half-width ``end``'s interval is predicted to have at a level on ``N / 2`` samples.
+def _fits(remaining: float, N: int, ends: int) -> int:
+    """The largest subsample a level can have with ``remaining`` full-data HVPs: a dozen
+    products on it and a first holdout chunk of its size per end."""
+    return int(remaining * N / (POLICY.level_products + POLICY.chunk_products * ends))
+
+
+def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple) -> float:
+    """The half-width an end's interval (``interval`` at this level of ``m`` samples) is
+    predicted to have at a level on ``N / 2`` samples.
 
     The level's width is ``|r - theta_S| + res + z (se + se_S)`` (the holdout's Rayleigh
     quotient ``r`` against the subsample's Ritz value, the search's residual, the holdout's and
     the subsample bound's standard errors).  The sampling parts scale with the finite-population
     factor ``f = sqrt(((1 - m'/N)/m') / ((1 - m/N)/m))`` at ``m' = N/2``; the half level's holdout
     is taken as spreading like its subsample (``se' = f se_S``: a whole-strata holdout of
-    ``N/2`` does); the residual stays.  ``inf`` when the level's interval had an open side.
-    Measured against what the half level then gave (BENCHMARKS.md): conservative on the
-    checkpoints tried (0.077 and 0.084 predicted, 0.048 and 0.042 found; the tests' MLP 0.016-0.033
-    predicted, 0.016-0.028 found).
+    ``N/2`` does); the residual stays; ``|r - theta_S|`` also counts an ``r`` beyond
+    ``theta_S`` (conservative).  ``inf`` when ``interval`` has an open side.  Measured against
+    what the half level then gave (BENCHMARKS.md): conservative where tried (``c50k-e15``:
+    0.077 and 0.084 predicted, 0.048 and 0.042 found; the tests' MLP, forced: 0.030
+    predicted, 0.023 found).
     """
     N = ctx.H.num_samples
     half = N // 2
     se_s = subsample_se(est, m, N)
     if not (math.isfinite(se_s) and math.isfinite(est.value)) or m >= half:
         return math.inf
-    interval, _, _ = _level_interval(ctx, end, pair, est, m)
     if not all(math.isfinite(x) for x in interval):
         return math.inf
     f = math.sqrt(((1 - half / N) / half) / ((1 - m / N) / m))

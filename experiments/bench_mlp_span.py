@@ -17,8 +17,9 @@ script measures, with no reference of its own to trust:
 * ``span``: ``curvlab.extremes(..., sampling="multilevel", sample_size=m, tol=tol_min=0.05)`` for
   ``m`` in ``--sizes`` and ``--seeds`` seeds, with ``POLICY.span_spread`` on and off, side by
   side: intervals that miss the dense truth (per end), and the mean full-data HVPs.
-* ``half``: the same calls at ``--half-sizes`` with ``POLICY.half_level`` off and on: HVPs, the
-  levels' sizes, and the misses.
+* ``half``: the same calls at ``--half-sizes`` with ``POLICY.half_level`` off, on (the default:
+  the half level runs when it is predicted to pass) and forced (``half_margin = inf``: whenever
+  the rule's sizes call for it): HVPs, the levels' sizes, and the misses.
 
 Run (1 thread, about ten minutes)::
 
@@ -108,12 +109,13 @@ def spread_study(Hd, sizes, subsamples: int = 40) -> dict:
     return dict(lambda_max=lmax, spread_u=su, summary=summary, rows=rows)
 
 
-def calls(model, X, Y, truth: dict, sizes, seeds, knob: str, values) -> dict:
-    """``extremes`` at each size and seed under each value of ``POLICY.<knob>``, side by side."""
+def calls(model, X, Y, truth: dict, sizes, seeds, variants: dict) -> dict:
+    """``extremes`` at each size and seed under each of ``variants`` (``{label: POLICY
+    changes}``), side by side."""
     out = {}
-    for value in values:
+    for label, changes in variants.items():
         runs = []
-        with policy(**{knob: value}):
+        with policy(**changes):
             for m in sizes:
                 for seed in seeds:
                     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,
@@ -128,9 +130,9 @@ def calls(model, X, Y, truth: dict, sizes, seeds, knob: str, values) -> dict:
                     runs.append(run)
         misses = {e: sum(not r[e]["covers"] for r in runs) for e in ("max", "min")}
         hvps = [r["hvps"] for r in runs]
-        out[str(value)] = dict(runs=runs, misses=misses, mean_hvps=sum(hvps) / len(hvps),
-                               hvps_range=(min(hvps), max(hvps)))
-        log(f"{knob}={value}: {len(runs)} calls, misses {misses}, HVPs mean {sum(hvps) / len(hvps):.1f} "
+        out[label] = dict(runs=runs, misses=misses, mean_hvps=sum(hvps) / len(hvps),
+                          hvps_range=(min(hvps), max(hvps)))
+        log(f"{label}: {len(runs)} calls, misses {misses}, HVPs mean {sum(hvps) / len(hvps):.1f} "
             f"({min(hvps):.1f}-{max(hvps):.1f})")
     return out
 
@@ -164,11 +166,14 @@ def main(argv=None):
         report["spread"] = spread_study(Hd, sizes)
         save()
     if "span" in parts:
-        report["span"] = calls(model, X, Y, truth, sizes, range(args.seeds), "span_spread", (True, False))
+        report["span"] = calls(model, X, Y, truth, sizes, range(args.seeds),
+                               {"span": dict(span_spread=True), "no span": dict(span_spread=False)})
         save()
     if "half" in parts:
         half = [int(s) for s in args.half_sizes.split(",")]
-        report["half"] = calls(model, X, Y, truth, half, range(args.half_seeds), "half_level", (False, True))
+        report["half"] = calls(model, X, Y, truth, half, range(args.half_seeds),
+                               {"off": dict(half_level=False), "predicted": dict(half_level=True),
+                                "forced": dict(half_level=True, half_margin=math.inf)})
         save()
     return report
 

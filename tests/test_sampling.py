@@ -187,8 +187,8 @@ def test_half_level_before_the_exact_stage(mlp_problem, monkeypatch):
     assert [lv["sample_size"] for lv in forced.levels] == [100, 400, N // 2]
     check_end(forced, "max", lmax, 0.05, slack)
     check_end(forced, "min", lmin, 0.05, slack)
-    before = forced.levels[1]["ends"]["min"]["interval"]  # the prediction is relative to its target
-    predicted *= 0.05 * abs(before[0] + before[1]) / 2
+    before = forced.levels[1]["ends"]["min"]  # the prediction is relative to its target
+    predicted = before["half_prediction"] * before["target"]
     at_half = forced.levels[-1]["ends"]["min"]
     lo, hi = at_half["interval"]
     assert not at_half["accepted"]
@@ -210,6 +210,17 @@ def test_half_level_when_predicted_to_pass(mlp_problem, monkeypatch):
     assert r.levels[-1]["ends"]["min"]["accepted"] and r.sample_sizes["min"] == N // 2
     check_end(r, "max", lmax, 0.05, slack)
     check_end(r, "min", lmin, 0.05, slack)
+    # a budget that affords the exact stage but not the half level whole: the exact stage
+    spent = r.levels[1]["hvps_so_far"]
+    tight = curvlab.extremes(model, F.cross_entropy, (X, Y), max_hvps=spent + 4, **kw)
+    assert [lv["sample_size"] for lv in tight.levels] == [100, 400] and tight.sample_sizes["min"] == N
+    check_end(tight, "min", lmin, 0.05, slack)
+    # the next warm call starts at the last level under N/2, both ends together (as after an
+    # exact stage), not lambda_min at N/2 for good
+    warm = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **{k: v for k, v in kw.items() if k not in ("seed", "sample_size")})
+    assert warm.levels[0]["sample_size"] == 400 and set(warm.levels[0]["ends"]) == {"max", "min"}
+    check_end(warm, "max", lmax, 0.05, slack)
+    check_end(warm, "min", lmin, 0.05, slack)
     monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, half_level=False))
     off = curvlab.extremes(model, F.cross_entropy, (X, Y), **kw)
     assert [lv["sample_size"] for lv in off.levels] == [100, 400] and off.sample_sizes["min"] == N
