@@ -406,6 +406,13 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
     return dict(exact, value=value, interval=(lo, hi), sampling=level["sampling"], solver=solver)
 
 
+def _under_half(sizes: dict, N: int) -> bool:
+    """Whether every end's last size was a subsample under ``N/2`` (not the exact stage's ``N``
+    or a half level's ``N/2``): the warm start's test, shared by :func:`_warm_sizes` and
+    :func:`_warm_split`."""
+    return all(2 * s < N for s in sizes.values())
+
+
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     """First subsample size of a warm-started call.
 
@@ -419,7 +426,7 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     if init is None or init.num_samples != N:
         return DEFAULT_SAMPLE
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
-    if all(2 * s < N for s in sizes.values()):
+    if _under_half(sizes, N):
         return max(2, min(sizes.values()))
     below = [lv["sample_size"] for lv in init.levels if 2 * lv["sample_size"] < N]
     return below[-1] if below else DEFAULT_SAMPLE
@@ -444,7 +451,7 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     if not (init.converged_max and init.converged_min):
         return None
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
-    if any(2 * s >= N for s in sizes.values()):  # (the exact stage or a half level: _warm_sizes)
+    if not _under_half(sizes, N):  # (the exact stage or a half level: _warm_sizes)
         return None
     if max(sizes.values()) < POLICY.warm_split * min(sizes.values()):
         return None

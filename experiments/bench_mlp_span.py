@@ -46,18 +46,12 @@ Z = 1.96  # curvlab's default confidence (95 %, two-sided)
 
 
 def per_sample_hessians(model, X, Y) -> torch.Tensor:
-    """``(N, P, P)``: the Hessian of each sample's loss in the model's parameters (flattened)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
+    """``(N, P, P)``: the Hessian of each sample's loss in the model's parameters (flattened in
+    curvlab's layout, :func:`curvlab.unflatten`)."""
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 
     def loss(f, x, y):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            params[n] = f[i:i + k].view(s)
-            i += k
-        return F.cross_entropy(functional_call(model, params, (x[None],)), y[None])
+        return F.cross_entropy(functional_call(model, curvlab.unflatten(model, f), (x[None],)), y[None])
 
     return vmap(hessian(loss), in_dims=(None, 0, 0))(flat, X, Y)
 
@@ -121,7 +115,7 @@ def calls(model, X, Y, truth: dict, sizes, seeds, variants: dict) -> dict:
                     r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,
                                          tol=0.05, tol_min=0.05, seed=seed, batch_size=500)
                     run = dict(m=m, seed=seed, hvps=r.cost.hvps, levels=[lv["sample_size"] for lv in r.levels],
-                               sizes=dict(r.sample_sizes) if isinstance(r.sample_sizes, dict) else r.sample_sizes)
+                               sizes=dict(r.sample_sizes))
                     for end in ("max", "min"):
                         lo, hi = getattr(r, f"interval_{end}")
                         run[end] = dict(value=getattr(r, f"lambda_{end}"), lo=lo, hi=hi,
