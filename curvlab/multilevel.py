@@ -91,6 +91,14 @@ class MultilevelPolicy:
             measure what that costs).
         strata_budget: the stratifying forward pass (a sixth of a full-data HVP) is
             skipped when it would take more than this share of ``max_hvps``.
+        gap_decay: how the part of a level's excess that is not the subsample spread (the
+            gap ``|r - theta_S|`` between the holdout's Rayleigh quotient and the subsample's
+            Ritz value, and the search's residual) is predicted to shrink with the subsample
+            size: by ``f^(2 gap_decay)``, ``f`` the ratio of the standard errors at the two
+            sizes (:func:`_excess_at`).  1: like the subsample extreme's bias and the Rayleigh
+            quotient's excess of a vector found on ``S``, both second order in the sampling
+            noise; 0.5 treats it as the spread (the rule before BENCHMARKS.md's "How the gap
+            shrinks").
         half_level, half_margin: when the next size passes ``N / 2`` after a level of at
             most ``N / 4``, run one level on ``N / 2`` images before the exact stage if the
             budget affords it and every end left is predicted to meet its target there, within ``half_margin`` times it
@@ -136,6 +144,7 @@ class MultilevelPolicy:
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
     warm_split: float = 2.0
+    gap_decay: float = 1.0
     half_level: bool = True
     half_margin: float = 1.25
 
@@ -180,8 +189,9 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
        term makes an isolated outlier cheap to certify (``lambda_2`` bounded
        from the subsample's second Ritz pair);
     4. an end is done when its half-width is within tolerance.  Otherwise the
-       subsample-dependent part of its width decides the next size
-       (``m' = m (width / target)^2``, at least ``2m``); once ``m' > N/2`` the
+       subsample-dependent part of its width decides the next size (its spread shrinking
+       like ``1/sqrt(m)``, its gap like ``1/m``: :func:`_next_size`; at least ``2m``, at
+       most ``4m``); once ``m' > N/2`` the
        remaining ends are solved exactly on all data, after one level on ``N/2``
        samples when the last level was at most ``N/4``, the budget affords it, and every
        end left is predicted to pass there (:func:`_half_prediction`, ``POLICY.half_level``).
@@ -484,30 +494,66 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
                gain: float = 1.0) -> int:
     """Subsample size at which ``end``'s interval should meet ``target``.
 
-    The subsample bound's excess shrinks like ``1/sqrt(m)`` (its spread and the
-    subsample extreme's bias), the Kato-Temple term ``res^2 / gap`` like ``1/m``
-    (the full-data residual of a vector found on ``S`` is sampling noise of size
-    ``1/sqrt(m)``).  Each is asked to leave 40 % of ``target`` to the holdout's
-    sampling error; the smaller of the two predicted sizes is taken, at least
-    ``2m`` and at most ``4m``: levels are also the solver's warm starts (a
-    Lanczos run on ``4m`` samples started from the vectors of ``m`` needs far
-    fewer products than one from scratch, and so does the exact stage started
-    from a large subsample's vectors), so no level is skipped on a prediction.
-    ``gain``: how many times lower the next level's subsample variance is at equal
-    size (a stratified design's Neyman allocation, :meth:`Design.neyman_gain`);
-    the predicted size is divided by it.
+    The subsample bound's excess is the subsample spread ``z se_S``, which shrinks
+    with the finite-population factor (divided by ``sqrt(gain)``), plus the gap between
+    the holdout's Rayleigh quotient and the subsample's Ritz value and the search's
+    residual, which shrink by ``f^(2 POLICY.gap_decay)`` (:func:`_excess_at`); the
+    Kato-Temple term ``res^2 / gap`` shrinks like ``1/m`` (the full-data residual of a
+    vector found on ``S`` is sampling noise of size ``1/sqrt(m)``).  Each is asked to
+    leave 40 % of ``target`` to the holdout's sampling error; the smaller of the two
+    predicted sizes is taken, at least ``2m`` and at most ``4m``: levels are also the
+    solver's warm starts (a Lanczos run on ``4m`` samples started from the vectors of
+    ``m`` needs far fewer products than one from scratch, and so does the exact stage
+    started from a large subsample's vectors), so no level is skipped on a prediction.
+    ``gain``: how many times lower the next level's subsample variance is at equal size
+    (a stratified design's Neyman allocation, :meth:`Design.neyman_gain`).
     """
     N = ctx.H.num_samples
     e_stat, e_kt = _excesses(ctx, end, pair, est, m)
+    if not math.isfinite(e_stat):  # no bound on S holds (an overturned end): grow the most
+        return int(min(N, POLICY.max_growth * m))
     # half-widths (e_stat + s) / 2 and s + e_kt / 2 within target, with s = holdout_share * target
     share = POLICY.holdout_share
-    want = m * (max(e_stat, 0.0) / (2 * (1 - share / 2) * target)) ** 2
+    spread = ctx.z * subsample_se(est, m, N)
+    rest = max(e_stat - spread, 0.0)
+    allowed = 2 * (1 - share / 2) * target
+
+    def meets(size: int) -> bool:
+        return _excess_at(rest, spread, m, size, N, gain) <= allowed
+
+    want = float(N) if not meets(N) else float(_smallest(meets, m, N))
     if math.isfinite(e_kt):
-        want = min(want, m * max(e_kt, 0.0) / (2 * (1 - share) * target))
-    want /= max(1.0, gain)
-    if not math.isfinite(want):  # no bound on S holds (an overturned end): grow the most
-        return int(min(N, POLICY.max_growth * m))
+        want = min(want, m * max(e_kt, 0.0) / (2 * (1 - share) * target) / max(1.0, gain))
     return int(min(N, POLICY.max_growth * m, max(POLICY.min_growth * m, math.ceil(want))))
+
+
+def _excess_at(rest: float, spread: float, m: int, size: int, N: int, gain: float = 1.0) -> float:
+    """A level's subsample-bound excess (``rest + spread`` at ``m`` samples) predicted at
+    ``size`` samples: the spread times the ratio ``f`` of standard errors with the
+    finite-population factor (:func:`_se_ratio`) over ``sqrt(gain)``, the rest (gap and
+    residual) times ``f^(2 POLICY.gap_decay)`` (at 1, like a bias proportional to the sampling
+    variance, which vanishes with ``size = N``)."""
+    f = _se_ratio(m, size, N)
+    return rest * f ** (2 * POLICY.gap_decay) + spread * f / math.sqrt(max(1.0, gain))
+
+
+def _se_ratio(m: int, size: int, N: int) -> float:
+    """``sqrt(((1 - size/N) / size) / ((1 - m/N) / m))``: how a standard error of a mean over
+    ``m`` of ``N`` samples drawn without replacement changes at ``size`` samples."""
+    if m >= N:
+        return 0.0
+    return math.sqrt(max(0.0, (1 - size / N) / size) / ((1 - m / N) / m))
+
+
+def _smallest(ok, lo: int, hi: int) -> int:
+    """The smallest integer in ``[lo, hi]`` where the monotone test ``ok`` holds (``ok(hi)``)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def _fits(remaining: float, N: int, ends: int) -> int:
@@ -526,10 +572,11 @@ def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple)
     factor ``f = sqrt(((1 - m'/N)/m') / ((1 - m/N)/m))`` at ``m' = N/2``; the half level's holdout
     is taken as spreading like its subsample (``se' = f se_S``: a whole-strata holdout of
     ``N/2`` does); the residual stays; ``|r - theta_S|`` also counts an ``r`` beyond
-    ``theta_S`` (conservative).  ``inf`` when ``interval`` has an open side.  Measured against
-    what the half level then gave (BENCHMARKS.md): conservative where tried (``c50k-e15``:
-    0.077 and 0.084 predicted, 0.048 and 0.042 found; the tests' MLP, forced: 0.030
-    predicted, 0.023 found).
+    ``theta_S`` (conservative) and shrinks by ``f^(2 POLICY.gap_decay)`` (as in
+    :func:`_next_size`).  ``inf`` when ``interval`` has an open side.  Measured against what
+    the half level then gave (BENCHMARKS.md): with the gap scaled by ``f`` (``gap_decay``
+    0.5, the rule before it), conservative where tried (``c50k-e15``: 0.077 and 0.084 predicted, 0.048
+    and 0.042 found; the tests' MLP, forced: 0.030 predicted, 0.023 found).
     """
     N = ctx.H.num_samples
     half = N // 2
@@ -538,9 +585,9 @@ def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple)
         return math.inf
     if not all(math.isfinite(x) for x in interval):
         return math.inf
-    f = math.sqrt(((1 - half / N) / half) / ((1 - m / N) / m))
+    f = _se_ratio(m, half, N)
     gap = abs(est.value - pair.theta)
-    return (f * gap + pair.residual + 2 * ctx.z * f * se_s) / 2
+    return (f ** (2 * POLICY.gap_decay) * gap + pair.residual + 2 * ctx.z * f * se_s) / 2
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:

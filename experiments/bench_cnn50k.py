@@ -16,6 +16,8 @@ Per checkpoint ``E`` in ``--epochs``:
   of cutting ``lambda_min``'s strata (``POLICY.strata_cut``; issue 13), and with
   ``--span-spread 1,0`` with and without the subsample bound's span spread
   (``POLICY.span_spread``); ``--half-level 0`` (or ``1``) sets ``POLICY.half_level`` for the cold calls;
+  ``--gap-decay 0.5,1`` runs the cold calls under each ``POLICY.gap_decay`` (how the next level's
+  size is predicted), side by side (the warm calls take the first value);
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
@@ -240,6 +242,9 @@ def main(argv=None):
     p.add_argument("--span-spread", default=None,
                    help="comma-separated POLICY.span_spread values (1, 0) for the cold calls, side "
                         "by side (default: curvlab's)")
+    p.add_argument("--gap-decay", default=None,
+                   help="comma-separated POLICY.gap_decay values (0.5, 1) for the cold calls, side by "
+                        "side; the warm calls take the first (default: curvlab's)")
     args = p.parse_args(argv)
     if args.score:
         return score(args.score, Path(args.cache))
@@ -248,6 +253,8 @@ def main(argv=None):
     cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
     spans = ([bool(int(x)) for x in args.span_spread.split(",")] if args.span_spread
              else [multilevel.POLICY.span_spread])
+    decays = ([float(x) for x in args.gap_decay.split(",")] if args.gap_decay
+              else [multilevel.POLICY.gap_decay])
     cache = Path(args.cache)
     data = find_cifar10(args.data)
     X, Y = make_data(data, BIG, POOL)
@@ -276,23 +283,26 @@ def main(argv=None):
         out = dict(train_acc=meta["train_acc"], hvp_over_gradient=ratio, ref=ref, calls=[])
         first, first_flag = None, None
         for s in range(args.first_seed, args.first_seed + args.seeds):
-            for flag, cut, span in [(f, c, sp) for f in flags for c in cuts for sp in spans]:
+            for flag, cut, span, decay in [(f, c, sp, d) for f in flags for c in cuts for sp in spans
+                                           for d in decays]:
                 for which in ("both", "LA") if args.cold_la else ("both",):
-                    with policy(strata_cut=cut, span_spread=span, half_level=half):
+                    with policy(strata_cut=cut, span_spread=span, half_level=half, gap_decay=decay):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
                                              curvature=flag, which=which)
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
                         first, first_flag = r, flag  # the floors' vectors: the first seed's, "none" first
                     label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (
                         f" {cut}" if len(cuts) > 1 else "") + (
-                        f" span {int(span)}" if len(spans) > 1 else "") + (" LA" if which == "LA" else "")
+                        f" span {int(span)}" if len(spans) > 1 else "") + (
+                        f" gap {decay:g}" if len(decays) > 1 else "") + (" LA" if which == "LA" else "")
                     out["calls"].append(row(label, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])
                     save(args, report, E, out)
         if E - 1 >= 1 and not args.cold_only:
             prev_model, _ = load_checkpoint(paths[E - 1])
-            prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
+            with policy(gap_decay=decays[0]):
+                prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
             out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
             log(f"  (warm start: e{E - 1} call, {out['warm_start']['epochs']:.1f} epochs)")
             show_levels(out["warm_start"])
@@ -308,7 +318,7 @@ def main(argv=None):
                 for k, sp, cut in [(k, sp, c) for k in (shrinks if not kw else shrinks[:1])
                                    for sp in (splits if not kw else splits[:1])
                                    for c in (cuts if not kw else cuts[:1])]:
-                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut):
+                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut, gap_decay=decays[0]):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
                     name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (

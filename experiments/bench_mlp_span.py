@@ -20,6 +20,10 @@ script measures, with no reference of its own to trust:
 * ``half``: the same calls at ``--half-sizes`` with ``POLICY.half_level`` off, on (the default:
   the half level runs when it is predicted to pass) and forced (``half_margin = inf``: whenever
   the rule's sizes call for it): HVPs, the levels' sizes, and the misses.
+* ``gap``: the same calls at ``--gap-sizes``, ``--gap-seeds`` seeds and ``floor`` 0 and 0.03, with
+  ``POLICY.gap_decay`` 0.5 (a level's gap predicted to shrink like the spread) and 1 (like the
+  variance, the default): how the next level's size rule fares where the exact stage is cheap
+  (BENCHMARKS.md, "How the gap shrinks").
 
 Run (1 thread, about ten minutes)::
 
@@ -103,25 +107,24 @@ def spread_study(Hd, sizes, subsamples: int = 40) -> dict:
     return dict(lambda_max=lmax, spread_u=su, summary=summary, rows=rows)
 
 
-def calls(model, X, Y, truth: dict, sizes, seeds, variants: dict) -> dict:
-    """``extremes`` at each size and seed under each of ``variants`` (``{label: POLICY
-    changes}``), side by side."""
+def calls(model, X, Y, truth: dict, sizes, seeds, variants: dict, floors=(0.0,)) -> dict:
+    """``extremes`` at each size, seed and ``floor`` under each of ``variants`` (``{label:
+    POLICY changes}``), side by side."""
     out = {}
     for label, changes in variants.items():
         runs = []
         with policy(**changes):
-            for m in sizes:
-                for seed in seeds:
-                    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,
-                                         tol=0.05, tol_min=0.05, seed=seed, batch_size=500)
-                    run = dict(m=m, seed=seed, hvps=r.cost.hvps, levels=[lv["sample_size"] for lv in r.levels],
-                               sizes=dict(r.sample_sizes))
-                    for end in ("max", "min"):
-                        lo, hi = getattr(r, f"interval_{end}")
-                        run[end] = dict(value=getattr(r, f"lambda_{end}"), lo=lo, hi=hi,
-                                        converged=bool(getattr(r, f"converged_{end}")),
-                                        covers=bool(lo - truth["slack"] <= truth[end] <= hi + truth["slack"]))
-                    runs.append(run)
+            for m, seed, floor in [(m, s, f) for m in sizes for s in seeds for f in floors]:
+                r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="multilevel", sample_size=m,
+                                     tol=0.05, tol_min=0.05, floor=floor, seed=seed, batch_size=500)
+                run = dict(m=m, seed=seed, floor=floor, hvps=r.cost.hvps,
+                           levels=[lv["sample_size"] for lv in r.levels], sizes=dict(r.sample_sizes))
+                for end in ("max", "min"):
+                    lo, hi = getattr(r, f"interval_{end}")
+                    run[end] = dict(value=getattr(r, f"lambda_{end}"), lo=lo, hi=hi,
+                                    converged=bool(getattr(r, f"converged_{end}")),
+                                    covers=bool(lo - truth["slack"] <= truth[end] <= hi + truth["slack"]))
+                runs.append(run)
         misses = {e: sum(not r[e]["covers"] for r in runs) for e in ("max", "min")}
         hvps = [r["hvps"] for r in runs]
         out[label] = dict(runs=runs, misses=misses, mean_hvps=sum(hvps) / len(hvps),
@@ -133,11 +136,13 @@ def calls(model, X, Y, truth: dict, sizes, seeds, variants: dict) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="spread,span,half", help="comma-separated: spread, span, half")
+    p.add_argument("--parts", default="spread,span,half,gap", help="comma-separated: spread, span, half, gap")
     p.add_argument("--sizes", default="200,400", help="subsample sizes of the spread study and the span calls")
     p.add_argument("--seeds", type=int, default=20, help="seeds 0 .. n-1 of the span calls")
     p.add_argument("--half-sizes", default="100,150", help="sample_size of the half-level calls")
     p.add_argument("--half-seeds", type=int, default=3)
+    p.add_argument("--gap-sizes", default="100,200", help="sample_size of the gap-decay calls")
+    p.add_argument("--gap-seeds", type=int, default=8)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     parts = args.parts.split(",")
@@ -168,6 +173,12 @@ def main(argv=None):
         report["half"] = calls(model, X, Y, truth, half, range(args.half_seeds),
                                {"off": dict(half_level=False), "predicted": dict(half_level=True),
                                 "forced": dict(half_level=True, half_margin=math.inf)})
+        save()
+    if "gap" in parts:
+        gap = [int(s) for s in args.gap_sizes.split(",")]
+        report["gap"] = calls(model, X, Y, truth, gap, range(args.gap_seeds),
+                              {"gap 0.5": dict(gap_decay=0.5), "gap 1": dict(gap_decay=1.0)},
+                              floors=(0.0, 0.03))
         save()
     return report
 
