@@ -71,6 +71,8 @@ class EigenResult:
         restarts: thick restarts done.
         history: per step, ``{"matvecs", "lambda_min", "res_min", "lambda_max", "res_max"}``
             (only the entries of the wanted ends).
+        thresholds: per pair, the residual threshold of the stopping rule at the last step
+            ``(m,)`` (:func:`lanczos`; ``None`` from solvers that do not set it).
     """
 
     values: Tensor
@@ -81,6 +83,7 @@ class EigenResult:
     calls: int
     restarts: int
     history: List[dict] = field(default_factory=list)
+    thresholds: Optional[Tensor] = None
 
     @property
     def all_converged(self) -> bool:
@@ -252,7 +255,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         history.append(entry)
         if callback is not None:
             callback(entry)
-        result = (theta[idx], Y, res, conv)
+        result = (theta[idx], Y, res, conv, thr)
         exhausted = V.shape[0] >= room
         if bool(conv.all()) or exhausted or matvecs + b > max_matvecs:
             break
@@ -282,10 +285,10 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             T = torch.diag(theta[keep])
             restarts += 1
 
-    values, vectors, res, conv = result
+    values, vectors, res, conv, thr = result
     return EigenResult(values=values.clone(), vectors=vectors, residual_norms=res.cpu(),
                          converged=conv.cpu(), matvecs=matvecs, calls=calls, restarts=restarts,
-                         history=history)
+                         history=history, thresholds=thr.cpu())
 
 
 # a guard pair settles at this share of its distance to the extreme (see lanczos): a half lets

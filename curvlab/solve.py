@@ -41,7 +41,9 @@ class EndPair(NamedTuple):
     """What a solve found at one end (``"max"`` or ``"min"``) of an operator's spectrum.
 
     ``converged`` is the extreme pair's **and** its guard's convergence; ``guard`` is
-    ``None`` only when the operator has a single eigenvalue (``n = 1``).
+    ``None`` only when the operator has a single eigenvalue (``n = 1``); ``threshold`` is
+    the extreme pair's residual threshold in the solver's stopping rule (``nan`` when the
+    solver does not say).
     """
 
     theta: float
@@ -49,6 +51,7 @@ class EndPair(NamedTuple):
     residual: float
     converged: bool
     guard: Optional[Guard]
+    threshold: float = math.nan
 
 
 PHASES = ("search", "certify", "exact", "approximation", "rounding", "strata")
@@ -270,7 +273,8 @@ def _pair(res, i: int, j: int) -> EndPair:
         guard = Guard(float(res.values[j]), float(res.residual_norms[j]), bool(res.converged[j]),
                       res.vectors[j])
         conv = conv and guard.converged
-    return EndPair(float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, guard)
+    thr = math.nan if getattr(res, "thresholds", None) is None else float(res.thresholds[i])
+    return EndPair(float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, guard, thr)
 
 
 def _approximation_used(which: str, warm: dict) -> bool:
@@ -341,9 +345,11 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     """Full-data Lanczos; intervals from Courant-Fischer, residual norms and rounding.
 
     A converged end (its guard pair converged too, see :func:`_solve_ends`) gets
-    ``(theta - slack, theta + res + slack)`` for ``lambda_max`` and
-    ``(theta - res - slack, theta + slack)`` for ``lambda_min``, where ``slack`` is the
-    arithmetic's own error (:func:`_rounding_slack`).  An end that did not converge
+    ``(theta - slack, theta + e + slack)`` for ``lambda_max`` and
+    ``(theta - e - slack, theta + slack)`` for ``lambda_min``, where ``slack`` is the
+    arithmetic's own error (:func:`_rounding_slack`) and ``e`` the residual norm, or the
+    stopping threshold where the end stopped on an absolute threshold (a ``floor``) or its
+    extreme and guard pairs are not resolved (:func:`_outward_radius`).  An end that did not converge
     (budget) keeps its inward side only: its outward side is open, since a residual
     bound certifies *an* eigenvalue near ``theta``, not the extreme one.
     """
@@ -353,15 +359,40 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     scale = max(abs(f.theta) for f in found.values())
     slack = _rounding_slack(ctx, H, {e: f.vector for e, f in found.items()}, scale)
     out = {}
-    for end, (theta, vec, res, conv, _) in found.items():
+    for end, pair in found.items():
+        theta, vec, conv = pair.theta, pair.vector, pair.converged
         s = slack[end] + H.n ** 0.5 * _unit_roundoff(H.dtype) * (abs(theta) + 1e-3 * scale)
+        e = _outward_radius(end, pair, ctx.tol_min if end == "min" else ctx.tol)
         if end == "max":
-            interval = (theta - s, theta + res + s if conv else math.inf)
+            interval = (theta - s, theta + e + s if conv else math.inf)
         else:
-            interval = (theta - res - s if conv else -math.inf, theta + s)
+            interval = (theta - e - s if conv else -math.inf, theta + s)
         out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv,
-                        solver=res + s if conv else math.inf, sampling=0.0)
+                        solver=e + s if conv else math.inf, sampling=0.0)
     return out
+
+
+def _outward_radius(end: str, pair: EndPair, tol: float) -> float:
+    """How far beyond its Ritz value a converged end's eigenvalue may lie.
+
+    The residual norm when the end's stopping threshold was its relative tolerance ``tol``
+    and the extreme pair and its guard are resolved (their intervals ``theta +- res``
+    disjoint: two distinct eigenvalues found at that end, the guard's rule of
+    :func:`_solve_ends`).  Otherwise the larger of the residual and the stopping threshold,
+    the error the call asked for: where the threshold is an absolute one (``floor *
+    |lambda_max|`` above ``tol * |theta|``, e.g. an end near zero, or a ``floor`` above the
+    spacing of the eigenvalues there), a few Krylov steps pass every test while the Ritz
+    value is still an interior mix, and a residual interval holds *an* eigenvalue, not the
+    extreme one; the same where the two pairs overlap (a cluster tighter than the
+    tolerance).  BENCHMARKS.md, "An exact-stage interval at a floor".
+    """
+    res, g, thr = pair.residual, pair.guard, pair.threshold
+    if not math.isfinite(thr):
+        return res
+    relative = thr <= tol * abs(pair.theta) * (1 + 1e-9)
+    resolved = g is None or (pair.theta + res < g.theta - g.residual if end == "min"
+                             else g.theta + g.residual < pair.theta - res)
+    return res if relative and resolved else max(res, thr)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:

@@ -250,6 +250,44 @@ def test_size_rule_scales_the_gap_like_the_variance(monkeypatch):
     assert math.isclose(_excess_at(0.14, 0.10, m, big, N), 0.24 * f)
 
 
+def test_next_size_is_the_smallest_that_meets_the_target(monkeypatch):
+    # multilevel._next_size on a level of 8,192 of 50,000 samples shaped like c50k-e15 seed 2
+    # (BENCHMARKS.md, "How the gap shrinks": gap r - theta_S 0.142, z se_S 0.101, target
+    # 0.0825; a full-data residual too large for Kato-Temple to bind): the smallest size where
+    # the predicted excess leaves 40 % of the target to the holdout, checked by brute force,
+    # within the clamp [2m, 4m]; with the gap scaled like the spread it is larger
+    from curvlab import multilevel
+    from curvlab.multilevel import _excess_at, _next_size, _se_ratio
+    from curvlab.sampling import HoldoutEstimate
+    from curvlab.solve import EndPair, Guard, _Context
+
+    class _H:
+        num_samples = 50_000
+
+    N, m, z, target = 50_000, 8192, 1.96, 0.0825
+    ctx = _Context(H=_H(), which="SA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=10, max_basis=20,
+                   seed=0, bar=None, callback=None, z=z)
+    se_s = 0.101 / z
+    std = se_s / math.sqrt((1 - m / N) / m)
+    pair = EndPair(-1.719, None, 0.0012, True, Guard(-1.52, 0.03, True, None))
+    est = HoldoutEstimate(value=-1.577, se=0.05, std=std, residual=5.0, holdout=8192)
+    rest, spread = -1.577 + 1.719 + 0.0012, z * se_s
+
+    def brute(decay):
+        for size in range(m, N + 1):
+            f = _se_ratio(m, size, N)
+            if rest * f ** (2 * decay) + spread * f <= 1.6 * target:
+                return min(4 * m, max(2 * m, size))
+
+    sizes = {}
+    for decay in (1.0, 0.5):
+        monkeypatch.setattr(multilevel, "POLICY", dataclasses.replace(multilevel.POLICY, gap_decay=decay))
+        sizes[decay] = _next_size(ctx, "min", pair, est, target, m)
+        assert sizes[decay] == brute(decay), (decay, sizes[decay], brute(decay))
+        assert _excess_at(rest, spread, m, sizes[decay], N) <= 1.6 * target
+    assert 2 * m <= sizes[1.0] < sizes[0.5] <= 4 * m, sizes
+
+
 def test_size_rule_in_a_call(mlp_problem, monkeypatch):
     # a call whose lambda_min misses at 400 samples: with the gap predicted to shrink like the
     # variance (the default) its next level is smaller than with the gap as spread (972 against
@@ -267,6 +305,18 @@ def test_size_rule_in_a_call(mlp_problem, monkeypatch):
         check_end(r, "min", lmin, 0.05, slack)
     assert sizes[1.0][:2] == sizes[0.5][:2] == [100, 400]
     assert 800 <= sizes[1.0][2] < sizes[0.5][2] < len(X) // 2, sizes
+
+
+def test_exact_intervals_at_a_floor_hold_a_clustered_bottom(mlp_problem):
+    # the exact regime with floor = 3 % of lambda_max (0.023, far above the bottom cluster's
+    # spacing: -0.0131, -0.0095, -0.0089): the extreme and guard pairs pass at an interior mix
+    # (e.g. -0.0039 with residual 0.008); with theta - res as its outward side the interval
+    # excluded the dense -0.0131 in 5 of these 10 seeds, now it reaches the threshold
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    for seed in range(10):
+        r = curvlab.extremes(model, F.cross_entropy, (X, Y), sampling="exact", tol=0.05, tol_min=0.05,
+                             floor=0.03, seed=seed, batch_size=500)
+        check_end(r, "min", lmin, 0.05, slack)
 
 
 def test_multilevel_on_a_dataloader(mlp_problem):

@@ -70,6 +70,25 @@ def test_a_bottom_cluster_tighter_than_the_tolerance_never_gives_a_wrong_converg
     assert not wrong
 
 
+@pytest.mark.parametrize("floor", [0.02, 0.05])
+def test_a_floor_above_the_bottom_spacing_widens_the_interval_to_the_threshold(cluster, floor):
+    # a floor of 2-5 % of lambda_max (threshold 1.0-2.5) is above the whole bottom's spacing:
+    # a few Krylov steps pass every test at an interior Ritz value (about -0.57 where the
+    # bottom is -1.0, within what the floor allows).  The interval was theta - res on the
+    # outward side and excluded -1.0 in 20 of 20 seeds; the outward side is now the stopping
+    # threshold (solve._outward_radius), and the half-width stays within the floor
+    model, data, w, _ = cluster
+    wrong = []
+    for seed in range(20):
+        r = curvlab.extremes(model, mean_loss, data, batch_size=4, seed=seed, floor=floor)
+        assert r.converged_min
+        lo, hi = r.interval_min
+        assert (hi - lo) / 2 <= floor * abs(r.lambda_max) * (1 + 1e-9)
+        if not _holds(r, "min", float(w[0]), _dense_error(w)):
+            wrong.append((seed, r.interval_min))
+    assert not wrong
+
+
 class _TrapApproximation:
     """Right top eigenpairs; a preconditioner whose basin is an interior eigenvector ``u``:
     ``T = u u^T + 1e-4 I`` maps every residual almost onto ``u``."""
