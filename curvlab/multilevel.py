@@ -514,8 +514,8 @@ def _next_size(ctx: _Context, end: str, pair: EndPair, est, target: float, m: in
     """
     N = ctx.H.num_samples
     e_stat, e_kt = _excesses(ctx, end, pair, est, m)
-    if not math.isfinite(e_stat):  # no bound on S holds (an overturned end): grow the most
-        return int(min(N, POLICY.max_growth * m))
+    if not math.isfinite(e_stat) or target <= 0:  # no bound on S holds (an overturned end),
+        return int(min(N, POLICY.max_growth * m))  # or nothing to aim at: grow the most
     # half-widths (e_stat + s) / 2 and s + e_kt / 2 within target, with s = holdout_share * target
     share = POLICY.holdout_share
     spread = ctx.z * subsample_se(est, m, N)
