@@ -591,9 +591,9 @@ def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple)
         return math.inf
     if not all(math.isfinite(x) for x in interval):
         return math.inf
-    f = _se_ratio(m, half, N)
-    gap = abs(est.value - pair.theta)
-    return (f ** (2 * POLICY.gap_decay) * gap + pair.residual + 2 * ctx.z * f * se_s) / 2
+    # the subsample bound's part as _next_size predicts it, plus the residual and the holdout's
+    gap, spread = abs(est.value - pair.theta), ctx.z * se_s
+    return (_excess_at(gap, spread, m, half, N) + pair.residual + spread * _se_ratio(m, half, N)) / 2
 
 
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:

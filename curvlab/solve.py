@@ -273,7 +273,7 @@ def _pair(res, i: int, j: int) -> EndPair:
         guard = Guard(float(res.values[j]), float(res.residual_norms[j]), bool(res.converged[j]),
                       res.vectors[j])
         conv = conv and guard.converged
-    thr = math.nan if getattr(res, "thresholds", None) is None else float(res.thresholds[i])
+    thr = math.nan if res.thresholds is None else float(res.thresholds[i])
     return EndPair(float(res.values[i]), res.vectors[i], float(res.residual_norms[i]), conv, guard, thr)
 
 

@@ -28,43 +28,22 @@ Run (2 threads, about seven minutes)::
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from curvlab.hvp import HessianOperator
-from experiments.bench_correctness import BIG, POOL, big_checkpoints, load_checkpoint
-from experiments.bench_curvature import make_data
+from curvlab.lanczos import lanczos
 from experiments.bench_floors import log
-from experiments.cifar import find_cifar10
-
-lanczos_module = importlib.import_module("curvlab.lanczos")  # (curvlab.lanczos is also the function)
+from experiments.bench_level_start import level_arguments, level_problem
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None)
-    p.add_argument("--cache", default="runs/cache")
-    p.add_argument("--epoch", type=int, default=15)
-    p.add_argument("--small", type=int, default=2048)
-    p.add_argument("--big", type=int, default=8192)
+    p = level_arguments(__doc__.split("\n")[0], epoch=15)
     p.add_argument("--deflate", default="0,1,3,6,10", help="numbers K of top vectors deflated")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    lanczos = lanczos_module.lanczos
-    data = find_cifar10(args.data)
-    X, Y = make_data(data, BIG, POOL)
-    paths = big_checkpoints(Path(args.cache), data, [args.epoch], X, Y)
-    model, _ = load_checkpoint(paths[args.epoch])
-    H = HessianOperator(model, F.cross_entropy, (X, Y), batch_size=512)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(5))
-    rnd = torch.randn(H.n, generator=torch.Generator().manual_seed(10_007))
-    rnd = rnd / rnd.norm()
+    H, perm, rnd = level_problem(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(), epoch=args.epoch,
                   parameters=H.n, runs=[])
 

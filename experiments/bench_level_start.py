@@ -60,15 +60,21 @@ def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80) -> tu
     return r, trace
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def level_arguments(description: str, epoch: int) -> argparse.ArgumentParser:
+    """The options shared by the level benchmarks (this one and ``bench_deflate``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", default=None)
     p.add_argument("--cache", default="runs/cache")
-    p.add_argument("--epoch", type=int, default=5)
+    p.add_argument("--epoch", type=int, default=epoch)
     p.add_argument("--small", type=int, default=2048)
     p.add_argument("--big", type=int, default=8192)
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def level_problem(args) -> tuple:
+    """``(H, perm, rnd)``: the checkpoint's full-data Hessian (trained once if missing), the
+    fixed permutation whose first ``m`` images make a level, and a fixed random unit vector."""
     data = find_cifar10(args.data)
     X, Y = make_data(data, BIG, POOL)
     paths = big_checkpoints(Path(args.cache), data, [args.epoch], X, Y)
@@ -77,7 +83,12 @@ def main(argv=None):
     perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(10_007)
     rnd = torch.randn(H.n, generator=g)
-    rnd = rnd / rnd.norm()
+    return H, perm, rnd / rnd.norm()
+
+
+def main(argv=None):
+    args = level_arguments(__doc__.split("\n")[0], epoch=5).parse_args(argv)
+    H, perm, rnd = level_problem(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
                   epoch=args.epoch, runs=[])
 
