@@ -160,7 +160,14 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             eigenvalue inside the extreme one (what rules out a Ritz vector that
             mixes a cluster's outer members), not to meet the tolerance itself:
             for an isolated extreme that is far cheaper; in a cluster tighter
-            than the tolerance nothing changes.
+            than the tolerance nothing changes.  The guard's own threshold takes
+            only a quarter of the ``floor`` term (``floor / 4 * max_i |theta_i|``):
+            at a floor above the spacing of the end's eigenvalues, an interior mix
+            and its neighbour both pass the floor's test after a few steps while the
+            extreme eigenvalue is farther off than the floor (a bottom at -1.0
+            reported as -0.57 at a threshold of 0.25); the guard must first resolve
+            its neighbour at a finer scale than the extreme is asked for.  The rule
+            holds from the first steps (a basis of just ``2 k`` vectors too).
 
     Returns:
         :class:`EigenResult`.  Cost: ``result.matvecs`` products with ``A``.
@@ -243,9 +250,11 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         tols = torch.where(idx < theta.numel() / 2, tol_lo, tol_hi).double()
         if which != "both":
             tols.fill_(tol_lo if which == "SA" else tol_hi)
-        thr = torch.clamp(tols * theta[idx].abs(), min=max(atol, floor * scale))
-        if guard and k >= 2 and theta.numel() > 2 * k:
-            thr = _guard_thresholds(thr, theta[idx], which, k)
+        own = torch.clamp(tols * theta[idx].abs(), min=atol)
+        thr = torch.clamp(own, min=floor * scale)
+        own = torch.clamp(own, min=GUARD_SHARE * floor * scale)  # a guard's, under the floor
+        if guard and k >= 2 and idx.numel() >= (2 if which == "both" else 1) * k:
+            thr = _guard_thresholds(thr, theta[idx], which, k, own)
         conv = res <= thr
         entry = {"matvecs": matvecs}
         if which in ("SA", "both"):
@@ -296,11 +305,15 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
 GUARD_SHARE = 0.25
 
 
-def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int) -> Tensor:
+def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int,
+                      own: Optional[Tensor] = None) -> Tensor:
     """Residual thresholds with each end's guard pair relaxed (see ``lanczos(guard=True)``).
 
-    ``values`` are the wanted Ritz values in ``_wanted``'s (ascending) order.
+    ``values`` are the wanted Ritz values in ``_wanted``'s (ascending) order.  A guard's
+    threshold is the larger of ``own`` (its tolerance with a quarter of the floor; default
+    ``thr``) and a quarter of its distance to the extreme; the extremes keep ``thr``.
     """
+    own = thr if own is None else own
     thr = thr.clone()
     ends = []
     if which in ("SA", "both"):
@@ -309,7 +322,7 @@ def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int) -> Tensor
         top = len(values) - 1
         ends.append((top, top - k + 1))
     for e, g in ends:
-        thr[g] = torch.maximum(thr[g], (values[g] - values[e]).abs() * GUARD_SHARE)
+        thr[g] = torch.maximum(own[g], (values[g] - values[e]).abs() * GUARD_SHARE)
     return thr
 
 

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
+from experiments import synthetic
+
 
 D = torch.float64
 # the tests are many tiny problems: one thread avoids spin-wait overhead (and a loaded CI box)
@@ -36,37 +38,8 @@ def classification_data(n, shape, classes=3, seed=1):
     return X, Y
 
 
-class Quadratic(nn.Module):
-    """``output_d = 0.5 * w^T S_d w``: with a mean loss the Hessian is ``mean_d S_d``.
-
-    Lets a test prescribe the Hessian's spectrum exactly.
-    """
-
-    def __init__(self, n, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(n, generator=g, dtype=D))
-
-    def forward(self, S):
-        return 0.5 * torch.einsum("i,bij,j->b", self.w, S, self.w)
-
-
-def mean_loss(out, y):
-    return out.mean()
-
-
-def quadratic_problem(eigenvalues, samples=20, seed=0):
-    """Per-sample symmetric ``S_d`` with ``mean_d S_d = Q diag(eigenvalues) Q^T``."""
-    ev = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    n = len(ev)
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
-    H = (Q * ev) @ Q.T
-    noise = torch.randn(samples, n, n, generator=g, dtype=D)
-    noise = noise + noise.transpose(1, 2)
-    noise = noise - noise.mean(0)  # sample noise that averages out exactly
-    S = H + noise
-    return Quadratic(n, seed), (S, torch.zeros(samples, dtype=D)), H
+# problems with a prescribed spectrum (shared with experiments/bench_traps.py)
+Quadratic, mean_loss, quadratic_problem = synthetic.Quadratic, synthetic.mean_loss, synthetic.quadratic_problem
 
 
 def dense_hessian(model, loss_fn, X, Y):

@@ -309,3 +309,14 @@ def test_bench_smoke_writes_its_figures(cifar_dir, tmp_path, capsys):
         assert r["lambda_min"] <= r["lambda_max"] and 0 < r["hvps"] <= 4 + 1e-9
         assert r["cost_epochs_time"] == pytest.approx(r["extremes_seconds"] / r["train_seconds"])
     assert report["ratio"] == report["rows"][-1]["cost_epochs_time"]
+
+
+def test_bench_traps_counts_wrong_intervals():
+    # one spectrum of experiments.bench_traps where the floor once lay between the bottom's
+    # spacing and its depth (a deep eigenvalue, floor 1 %: 24 of 30 seeds wrong before the
+    # guard settled under the floor); its rows count what they say
+    from experiments import bench_traps
+    rows = bench_traps.run([0.01], 4, spectra=["deep"])
+    (row,) = rows.values()
+    assert row["spectrum"] == "deep" and row["seeds"] == 4 and row["converged"] == 4
+    assert row["wrong"] == 0 and row["lambda_min"] == pytest.approx(-1.0, abs=1e-9)

@@ -187,6 +187,11 @@ def test_guard_pairs_need_only_resolve_a_distinct_neighbour():
     assert torch.allclose(out, torch.tensor([1e-3, 0.025, 12.5, 1e-3], dtype=D))
     tight = _guard_thresholds(thr, torch.tensor([-1.0, -0.9999, 99.999, 100.0], dtype=D), "both", 2)
     assert torch.equal(tight[[0, 3]], thr[[0, 3]]) and float(tight[1]) == pytest.approx(1e-3)
+    # under a floor, a guard's own threshold is the finer one it is given, not the floor's
+    floored = torch.full((4,), 0.25, dtype=D)
+    own = torch.full((4,), 0.0625, dtype=D)
+    out = _guard_thresholds(floored, torch.tensor([-0.57, -0.4, 49.9, 50.0], dtype=D), "both", 2, own)
+    assert torch.allclose(out, torch.tensor([0.25, 0.0625, 0.0625, 0.25], dtype=D))
     ev = torch.cat([torch.tensor([100.0]), torch.linspace(-1.0, 1.0, 300)])  # guard: the bulk edge
     A = torch.diag(ev).to(D)
     kw = dict(which="LA", k=2, tol=1e-6, floor=0.0, dtype=D, max_matvecs=300, max_basis=80)
