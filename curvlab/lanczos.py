@@ -167,7 +167,8 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             extreme eigenvalue is farther off than the floor (a bottom at -1.0
             reported as -0.57 at a threshold of 0.25); the guard must first resolve
             its neighbour at a finer scale than the extreme is asked for.  The rule
-            holds from the first steps (a basis of just ``2 k`` vectors too).
+            holds from the first steps (the quarter of the distance once the basis
+            holds more than ``2 k`` vectors).
 
     Returns:
         :class:`EigenResult`.  Cost: ``result.matvecs`` products with ``A``.
@@ -254,7 +255,7 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         thr = torch.clamp(own, min=floor * scale)
         own = torch.clamp(own, min=GUARD_SHARE * floor * scale)  # a guard's, under the floor
         if guard and k >= 2 and idx.numel() >= (2 if which == "both" else 1) * k:
-            thr = _guard_thresholds(thr, theta[idx], which, k, own)
+            thr = _guard_thresholds(thr, theta[idx], which, k, own, relax=theta.numel() > 2 * k)
         conv = res <= thr
         entry = {"matvecs": matvecs}
         if which in ("SA", "both"):
@@ -306,12 +307,14 @@ GUARD_SHARE = 0.25
 
 
 def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int,
-                      own: Optional[Tensor] = None) -> Tensor:
+                      own: Optional[Tensor] = None, relax: bool = True) -> Tensor:
     """Residual thresholds with each end's guard pair relaxed (see ``lanczos(guard=True)``).
 
     ``values`` are the wanted Ritz values in ``_wanted``'s (ascending) order.  A guard's
     threshold is the larger of ``own`` (its tolerance with a quarter of the floor; default
-    ``thr``) and a quarter of its distance to the extreme; the extremes keep ``thr``.
+    ``thr``) and, with ``relax`` (once the basis holds more than the wanted pairs), a quarter
+    of its distance to the extreme; the extremes keep ``thr``.  Where the ends share pairs
+    (a basis of fewer than ``2 k`` vectors), the stricter threshold holds.
     """
     own = thr if own is None else own
     thr = thr.clone()
@@ -321,8 +324,15 @@ def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int,
     if which in ("LA", "both"):
         top = len(values) - 1
         ends.append((top, top - k + 1))
+    guards = {}
     for e, g in ends:
-        thr[g] = torch.maximum(own[g], (values[g] - values[e]).abs() * GUARD_SHARE)
+        t = torch.maximum(own[g], (values[g] - values[e]).abs() * GUARD_SHARE) if relax else own[g]
+        guards[g] = torch.minimum(guards[g], t) if g in guards else t
+    for e, _ in ends:
+        if e in guards:  # a guard that is also the other end's extreme keeps the stricter
+            guards[e] = torch.minimum(guards[e], thr[e])
+    for g, t in guards.items():
+        thr[g] = t
     return thr
 
 

@@ -192,6 +192,10 @@ def test_guard_pairs_need_only_resolve_a_distinct_neighbour():
     own = torch.full((4,), 0.0625, dtype=D)
     out = _guard_thresholds(floored, torch.tensor([-0.57, -0.4, 49.9, 50.0], dtype=D), "both", 2, own)
     assert torch.allclose(out, torch.tensor([0.25, 0.0625, 0.0625, 0.25], dtype=D))
+    # in a basis of just 2k vectors, no relaxation by the distance: the guard's own threshold
+    vals = torch.tensor([-0.57, 0.0, 20.0, 50.0], dtype=D)
+    assert torch.equal(_guard_thresholds(floored, vals, "both", 2, own, relax=False), out)
+    assert float(_guard_thresholds(floored, vals, "both", 2, own)[1]) == pytest.approx(0.1425)
     ev = torch.cat([torch.tensor([100.0]), torch.linspace(-1.0, 1.0, 300)])  # guard: the bulk edge
     A = torch.diag(ev).to(D)
     kw = dict(which="LA", k=2, tol=1e-6, floor=0.0, dtype=D, max_matvecs=300, max_basis=80)
