@@ -32,11 +32,13 @@ returned as the error bound of each Ritz value.  The largest Ritz value is a
 lower bound of ``lambda_max`` and the smallest an upper bound of
 ``lambda_min`` (Courant-Fischer), so a Ritz value can only err inward.
 
-Stopping rule.  A wanted pair is converged when ``||r|| <= max(tol * |theta|, atol)``:
-the tolerance is relative to the eigenvalue *itself*, not to the spread
-``lambda_max - lambda_min``.  With ``lambda_max = 100`` and ``lambda_min = -0.5`` a rule
+Stopping rule.  A wanted pair is converged when ``||r|| <= max(tol * |theta|, atol,
+floor * max_i |theta_i|)``: the tolerance is relative to the eigenvalue *itself*, not to the
+spread ``lambda_max - lambda_min``.  With ``lambda_max = 100`` and ``lambda_min = -0.5`` a rule
 relative to the spread would accept ``lambda_min`` with an error of 100 * tol,
-i.e. no digits at all; ``atol`` only matters when ``lambda_min`` is (near) zero.
+i.e. no digits at all; ``atol`` and ``floor`` only matter when ``lambda_min`` is (near) zero
+at the spectrum's scale, or as a precision floor.  With ``guard=True`` the next pair inward
+at each end must settle too (see :func:`lanczos`).
 """
 
 from __future__ import annotations
@@ -166,9 +168,11 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             and its neighbour both pass the floor's test after a few steps while the
             extreme eigenvalue is farther off than the floor (a bottom at -1.0
             reported as -0.57 at a threshold of 0.25); the guard must first resolve
-            its neighbour at a finer scale than the extreme is asked for.  The rule
-            holds from the first steps (the quarter of the distance once the basis
-            holds more than ``2 k`` vectors).
+            its neighbour at a finer scale than the extreme is asked for.  No pair
+            counts as converged before the basis holds an extreme and a guard at each
+            wanted end (``k`` Ritz values per end), unless it spans the whole space; the
+            relaxation to a quarter of the distance waits for more than ``2 k`` Ritz
+            values.
 
     Returns:
         :class:`EigenResult`.  Cost: ``result.matvecs`` products with ``A``.
@@ -254,9 +258,12 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
         own = torch.clamp(tols * theta[idx].abs(), min=atol)
         thr = torch.clamp(own, min=floor * scale)
         own = torch.clamp(own, min=GUARD_SHARE * floor * scale)  # a guard's, under the floor
-        if guard and k >= 2 and idx.numel() >= (2 if which == "both" else 1) * k:
+        paired = idx.numel() >= (2 if which == "both" else 1) * k  # an extreme and a guard per end
+        if guard and k >= 2 and paired:
             thr = _guard_thresholds(thr, theta[idx], which, k, own, relax=theta.numel() > 2 * k)
         conv = res <= thr
+        if guard and k >= 2 and not paired and V.shape[0] < room:
+            conv = torch.zeros_like(conv)  # too few Ritz pairs yet to hold a guard apart
         entry = {"matvecs": matvecs}
         if which in ("SA", "both"):
             entry.update(lambda_min=float(theta[0]), res_min=float(res[0]))
@@ -310,11 +317,11 @@ def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int,
                       own: Optional[Tensor] = None, relax: bool = True) -> Tensor:
     """Residual thresholds with each end's guard pair relaxed (see ``lanczos(guard=True)``).
 
-    ``values`` are the wanted Ritz values in ``_wanted``'s (ascending) order.  A guard's
-    threshold is the larger of ``own`` (its tolerance with a quarter of the floor; default
-    ``thr``) and, with ``relax`` (once the basis holds more than the wanted pairs), a quarter
-    of its distance to the extreme; the extremes keep ``thr``.  Where the ends share pairs
-    (a basis of fewer than ``2 k`` vectors), the stricter threshold holds.
+    ``values`` are the wanted Ritz values in ``_wanted``'s (ascending) order, ``k`` per
+    wanted end (``2 k`` for ``"both"``).  A guard's threshold is the larger of ``own`` (its
+    tolerance with a quarter of the floor; default ``thr``) and, with ``relax`` (``lanczos``:
+    once the basis holds more than ``2 k`` Ritz values), a quarter of its distance to the
+    extreme; the extremes keep ``thr``.
     """
     own = thr if own is None else own
     thr = thr.clone()
@@ -324,15 +331,8 @@ def _guard_thresholds(thr: Tensor, values: Tensor, which: str, k: int,
     if which in ("LA", "both"):
         top = len(values) - 1
         ends.append((top, top - k + 1))
-    guards = {}
     for e, g in ends:
-        t = torch.maximum(own[g], (values[g] - values[e]).abs() * GUARD_SHARE) if relax else own[g]
-        guards[g] = torch.minimum(guards[g], t) if g in guards else t
-    for e, _ in ends:
-        if e in guards:  # a guard that is also the other end's extreme keeps the stricter
-            guards[e] = torch.minimum(guards[e], thr[e])
-    for g, t in guards.items():
-        thr[g] = t
+        thr[g] = torch.maximum(own[g], (values[g] - values[e]).abs() * GUARD_SHARE) if relax else own[g]
     return thr
 
 

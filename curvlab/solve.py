@@ -165,10 +165,12 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
     eigenvectors passes a loose residual test long before it has found the extreme one.
     Asking for the guard to settle too keeps the Krylov space growing until the cluster's
     outer members are resolved (the extreme converges first, as its polynomial
-    amplification is the largest).  The guard settles at the tolerance or at a quarter of
-    its distance to the extreme Ritz value, whichever is looser (``lanczos(guard=True)``):
-    an isolated extreme needs its neighbour only roughly, a cluster tighter than the
-    tolerance gets no relief.
+    amplification is the largest).  The guard settles at the tolerance (with a quarter of the
+    ``floor`` term, not the whole) or, once the basis holds more than ``2 k`` Ritz values, at
+    a quarter of its distance to the extreme Ritz value, whichever is looser
+    (``lanczos(guard=True)``): an isolated extreme needs its neighbour only roughly, a
+    cluster tighter than the tolerance gets no relief, and a floor above the end's spacing
+    does not let an interior mix and its neighbour pass together.
 
     Start vectors (a warm start, or an approximation's candidates) never start the
     search alone: a random unit vector is added to them (:func:`_start_vector`).  A warm

@@ -183,7 +183,12 @@ def small_checkpoint(cache: Path, data, name: str, epochs: int) -> tuple:
 
 
 def big_checkpoints(cache: Path, data, epochs: list[int], X, Y) -> dict:
-    """``{epoch: path}``; trains once (crops + flips) and saves after each epoch in ``epochs``."""
+    """``{epoch: path}``; trains once (crops + flips) and saves after each epoch in ``epochs``.
+
+    A checkpoint already in ``cache`` is kept, never overwritten (its cached references are
+    keyed to it): when a retraining for a missing epoch gives other weights at that epoch
+    (another machine or thread count), a warning says so and the old file stays.
+    """
     paths = {e: cache / f"c50k-e{e}.pt" for e in epochs}
     if all(p.exists() for p in paths.values()):
         return paths
@@ -203,7 +208,13 @@ def big_checkpoints(cache: Path, data, epochs: list[int], X, Y) -> dict:
             F.cross_entropy(model(augment(X[idx], gen, pad=2)), Y[idx]).backward()
             opt.step()
         sec = time.perf_counter() - t0
-        if ep in paths:
+        if ep in paths and paths[ep].exists():
+            kept = torch.load(paths[ep], weights_only=False)["state_dict"]
+            same = all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+            log(f"c50k-e{ep} kept as cached" + ("" if same else
+                "; WARNING: this retraining gave other weights at that epoch (another machine or "
+                "thread count?), so later epochs belong to another run than the cached ones"))
+        elif ep in paths:
             tl, acc = evaluate(model, X, Y)
             _save(paths[ep], model, dict(name=f"c50k-e{ep}", images=len(X), epochs=ep, augment="crop pad 2 + flip",
                                          lr=lr, lr_drop_after=LR_DROP_AFTER, batch=128, weight_decay=5e-4, train_loss=tl,

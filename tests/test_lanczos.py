@@ -203,3 +203,27 @@ def test_guard_pairs_need_only_resolve_a_distinct_neighbour():
     assert strict.all_converged and relaxed.all_converged
     assert relaxed.matvecs < strict.matvecs
     assert abs(float(relaxed.values[-1]) - 100.0) <= 1e-6 * 100 and relaxed.residual_norms[-1] <= 1e-4
+
+
+def test_guard_run_never_stops_before_it_holds_a_guard_at_each_end():
+    # a start on an interior eigenvector is invariant at once: one Ritz pair, residual 0.
+    # With too few pairs for an extreme and a guard per end, nothing counts as converged
+    # (a "both" run stopped there, converged on 0.5); the run goes on to the true extremes
+    ev = torch.linspace(-1.0, 1.0, 41).to(D)
+    A = torch.diag(ev)
+    start = torch.zeros(41, dtype=D)
+    start[30] = 1.0
+    for which in ("both", "SA", "LA"):
+        r = lanczos(op(A), 41, which=which, k=2, X0=start, guard=True, tol=1e-6, floor=0.01, dtype=D,
+                    max_matvecs=200)
+        assert r.all_converged and r.matvecs > 1
+        if which != "LA":
+            assert float(r.values[0]) == pytest.approx(-1.0, abs=0.01)  # within the floor
+        if which != "SA":
+            assert float(r.values[-1]) == pytest.approx(1.0, abs=0.01)
+    # in a basis of 2k Ritz values a guard's threshold is its tolerance with a quarter of the
+    # floor, not the floor's whole term (0.01 * 1.0), and not yet relaxed by its distance
+    r = lanczos(op(A), 41, which="both", k=2, guard=True, tol=1e-6, floor=0.01, dtype=D, max_matvecs=4)
+    own = torch.clamp(1e-6 * r.values.abs(), min=0.25 * 0.01 * float(r.values.abs().max()))
+    assert torch.allclose(r.thresholds[[1, 2]], own[[1, 2]])
+    assert torch.allclose(r.thresholds[[0, 3]], torch.full((2,), 0.01 * float(r.values.abs().max()), dtype=D))
