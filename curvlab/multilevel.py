@@ -150,6 +150,17 @@ class MultilevelPolicy:
     half_level: bool = True
     half_margin: float = 1.25
 
+    def __post_init__(self):
+        # a negative decay would make the predicted excess grow with the size (the size rule's
+        # bisection assumes it shrinks); growth bounds out of order leave no size to choose
+        if not (isinstance(self.gap_decay, (int, float)) and math.isfinite(self.gap_decay)
+                and self.gap_decay >= 0):
+            raise ValueError(f"MultilevelPolicy.gap_decay must be a finite number >= 0, got "
+                             f"{self.gap_decay!r}")
+        if not 1 <= self.min_growth <= self.max_growth:
+            raise ValueError(f"MultilevelPolicy needs 1 <= min_growth <= max_growth, got "
+                             f"{self.min_growth} and {self.max_growth}")
+
 
 POLICY = MultilevelPolicy()
 DEFAULT_SAMPLE = POLICY.first_size
@@ -285,7 +296,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         need = m
         ahead = {}
         for end in todo:
-            theta, vec, res, conv, nxt = found[end][:5]
+            pair = found[end]
+            theta, vec, res = pair.theta, pair.vector, pair.residual
             est = ests[end]
             interval, kt, _ = _level_interval(ctx, end, found[end], est, m)
             half = (interval[1] - interval[0]) / 2
@@ -626,7 +638,7 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     ``S`` under-represents the extreme eigenvector, and its guard is no neighbour for
     Kato-Temple.  Otherwise that side is infinite.
     """
-    theta, _, res, conv, nxt = pair[:5]  # nxt: the guard
+    theta, res, conv, nxt = pair.theta, pair.residual, pair.converged, pair.guard
     N = ctx.H.num_samples
     inf = math.inf if end == "max" else -math.inf
     stat = extreme_interval(end, est, theta, res, ctx.z, m, N)

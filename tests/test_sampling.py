@@ -233,6 +233,16 @@ def test_half_level_when_predicted_to_pass(mlp_problem, monkeypatch):
     check_end(off, "min", lmin, 0.05, slack)
 
 
+def test_policy_refuses_a_negative_gap_decay_and_growth_bounds_out_of_order():
+    from curvlab import multilevel
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gap_decay"):
+            dataclasses.replace(multilevel.POLICY, gap_decay=bad)
+    with pytest.raises(ValueError, match="min_growth <= max_growth"):
+        dataclasses.replace(multilevel.POLICY, min_growth=4, max_growth=2)
+    assert dataclasses.replace(multilevel.POLICY, gap_decay=0).gap_decay == 0  # 0 is allowed
+
+
 def test_size_rule_scales_the_gap_like_the_variance(monkeypatch):
     # the next level's size (multilevel._next_size) predicts the subsample bound's excess at a
     # size m' from its two parts at m: the spread z se_S times the ratio f of standard errors
