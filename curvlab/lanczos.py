@@ -257,12 +257,14 @@ def lanczos(matvec: Callable[[Tensor], Tensor], n: int, *, which: str = "both", 
             tols.fill_(tol_lo if which == "SA" else tol_hi)
         own = torch.clamp(tols * theta[idx].abs(), min=atol)
         thr = torch.clamp(own, min=floor * scale)
-        own = torch.clamp(own, min=GUARD_SHARE * floor * scale)  # a guard's, under the floor
+        guarded = guard and k >= 2
         paired = idx.numel() >= (2 if which == "both" else 1) * k  # an extreme and a guard per end
-        if guard and k >= 2 and paired:
-            thr = _guard_thresholds(thr, theta[idx], which, k, own, relax=theta.numel() > 2 * k)
+        if guarded and paired:  # a guard's own threshold takes a quarter of the floor
+            thr = _guard_thresholds(thr, theta[idx], which, k,
+                                    torch.clamp(own, min=GUARD_SHARE * floor * scale),
+                                    relax=theta.numel() > 2 * k)
         conv = res <= thr
-        if guard and k >= 2 and not paired and V.shape[0] < room:
+        if guarded and not paired and V.shape[0] < room:
             conv = torch.zeros_like(conv)  # too few Ritz pairs yet to hold a guard apart
         entry = {"matvecs": matvecs}
         if which in ("SA", "both"):
