@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from .curvature import APPROXIMATIONS
 from .functional import FunctionalModel, evaluation_mode
 from .hvp import METHODS, HessianOperator
-from .multilevel import POLICY, _multilevel, _warm_sizes, _warm_split
+from . import multilevel
+from .multilevel import _multilevel, _warm_sizes, _warm_split
 from .solve import _approximation_used, _attach_approximation, _Context, _exact, _hvp_samples
 
 __all__ = ["extremes", "ExtremesResult", "CostRecord"]
@@ -152,6 +153,8 @@ class ExtremesResult:
         levels: per subsample level, what was tried and found.
         history: the solver's per-step trace (for convergence plots).
         options: the options used, for the record.
+        guard_vectors: per end, the unit vector of the next Ritz pair inward at that end's
+            last solve (its guard), when there was one.
     """
 
     lambda_max: float
@@ -173,6 +176,7 @@ class ExtremesResult:
     levels: List[dict] = field(default_factory=list, repr=False)
     history: List[dict] = field(default_factory=list, repr=False)
     options: dict = field(default_factory=dict, repr=False)
+    guard_vectors: dict = field(default_factory=dict, repr=False)
 
     @property
     def converged(self) -> bool:
@@ -442,20 +446,26 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         v0 = _warm_start(init, fmodel.numel)
         m0 = _warm_sizes(init, N, which, sample_size)
         regime = sampling
+        policy = multilevel.POLICY  # (read at the call: tests and benchmarks replace it)
         if sampling == "auto":
-            regime = "exact" if N <= POLICY.exact_factor * m0 else "multilevel"
+            regime = "exact" if N <= policy.exact_factor * m0 else "multilevel"
         bar = _progress_bar(progress, max_hvps)
         ctx = _Context(H=H, which=which, tol=tol, tol_min=tol_min, floor=floor, max_hvps=max_hvps,
                        max_basis=max_basis, seed=seed, bar=bar, callback=callback,
                        z=NormalDist().inv_cdf(0.5 + confidence / 2))
         try:
             if regime == "multilevel":
-                ctx.strata, ctx.proxies = POLICY.strata if strata is None else strata, proxies
+                ctx.strata, ctx.proxies = policy.strata if strata is None else strata, proxies
                 _warm_spreads(ctx, init)
+            if init is not None and policy.warm_exact and policy.warm_guard and init.num_samples == N:
+                # ends that went to the exact stage last time go there at once (_warm_sizes,
+                # _warm_split) and start from their extreme and guard vectors
+                ctx.warm_guards = {e: g for e, g in getattr(init, "guard_vectors", {}).items()
+                                   if g is not None and e in v0 and init.sample_sizes.get(e, 0) >= N}
             if curvature != "none" and _approximation_used(which, v0):
                 _attach_approximation(ctx, curvature, approx_samples, approx_rank)
             if regime == "exact":
-                ends = _exact(ctx, H, v0)
+                ends = _exact(ctx, H, v0, guards=ctx.warm_guards)
                 levels, m_final, sizes = [], N, {e: N for e in ends}
             elif (split := _warm_split(init, N, which, sample_size)) is not None:
                 # each end from its own previous size: lambda_max first (lambda_min's floor),
@@ -480,8 +490,10 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     out = dict(lambda_max=nan, lambda_min=nan, lambda_max_error=nan, lambda_min_error=nan,
                interval_max=(nan, nan), interval_min=(nan, nan), converged_max=False,
                converged_min=False, vector_max=None, vector_min=None)
-    parts = {}
+    parts, guards = {}, {}
     for end, e in ends.items():
+        if e.get("guard") is not None:
+            guards[end] = e["guard"]
         lo, hi = e["interval"]
         out[f"lambda_{end}"] = e["value"]
         out[f"lambda_{end}_error"] = max(hi - e["value"], e["value"] - lo)
@@ -497,7 +509,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
     cost = CostRecord.total(ctx.costs + [H.cost], N, time.perf_counter() - t0, ctx.phases + ["exact"])
     return ExtremesResult(**out, cost=cost, num_params=fmodel.numel, num_samples=N,
                           sample_size=m_final, sample_sizes=sizes, error_parts=parts, levels=levels,
-                          history=ctx.history, options=options)
+                          history=ctx.history, options=options, guard_vectors=guards)
 
 
 SAMPLINGS = ("auto", "exact", "multilevel")

@@ -112,6 +112,15 @@ class MultilevelPolicy:
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
+        warm_exact: a warm call's end that the previous call solved in the exact stage
+            (its size ``N``) goes straight to that stage, from the previous call's vector,
+            rather than climbing the subsample levels again (:func:`_warm_sizes`,
+            :func:`_warm_split`): where sampling could not certify an end one epoch ago,
+            its levels are mostly a start for the exact stage, and the previous exact
+            stage's vector is another.
+        warm_guard: with ``warm_exact``, that exact stage starts from the previous call's
+            extreme **and** guard vectors (their normalised sum, plus the random part):
+            the guard's neighbour need not be found again from the random part.
     """
 
     first_size: int = 2048
@@ -146,6 +155,8 @@ class MultilevelPolicy:
     strata_budget: float = 0.1
     warm_min_shrink: int = 1
     warm_split: float = 2.0
+    warm_exact: bool = False
+    warm_guard: bool = False
     gap_decay: float = 1.0
     half_level: bool = True
     half_margin: float = 1.25
@@ -242,7 +253,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         if 2 * m > N:
             if last and remaining < POLICY.exact_products * len(todo):
                 break  # too little left for the exact stage to improve on the last intervals
-            for end, entry in _exact(ctx, H, start, todo).items():
+            # (a warm start's guard vectors only where this call's levels gave no start)
+            for end, entry in _exact(ctx, H, start, todo, ctx.warm_guards if not levels else None).items():
                 done[end] = _keep_level_bounds(end, entry, last.get(end))
             sizes.update({e: N for e in todo})
             return done, levels, N, sizes
@@ -322,7 +334,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             # level); the unbiased Rayleigh quotient when the outward side is open
             value = centre if math.isfinite(centre) else est.value
             entry = dict(value=value, interval=interval, vector=vec, converged=ok, solver=res,
-                         sampling=ctx.z * est.se)
+                         sampling=ctx.z * est.se,
+                         guard=pair.guard.vector if pair.guard is not None else None)
             sizes[end] = m
             if ok:
                 done[end] = entry
@@ -443,7 +456,9 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     When the previous call certified every wanted end on subsamples under ``N/2``,
     the smallest of their sizes; when it needed the exact stage or a half level (``N/2``)
     for one, its last subsample level under ``N/2`` (whose vectors start the exact stage
-    well; this call's start vectors come from the previous one).  Default otherwise.
+    well; this call's start vectors come from the previous one), or with
+    ``POLICY.warm_exact``, ``N`` (the exact stage at once) when every wanted end went to
+    the exact stage.  Default otherwise.
     """
     if sample_size is not None:
         return sample_size
@@ -452,6 +467,8 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
     if _under_half(sizes, N):
         return max(2, min(sizes.values()))
+    if POLICY.warm_exact and all(s >= N for s in sizes.values()):
+        return N  # every end went to the exact stage last time: straight there
     below = [lv["sample_size"] for lv in init.levels if 2 * lv["sample_size"] < N]
     return below[-1] if below else DEFAULT_SAMPLE
 
@@ -469,12 +486,20 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     costs its search and holdout and a noisy prediction for the next one: over
     three seeds at ``c50k-e15`` and two at ``c50k-e5`` half cost more on average
     (BENCHMARKS.md, "Warm calls: lambda_min from half its previous size?").
+
+    With ``POLICY.warm_exact``, a previous call whose ``lambda_min`` went to the exact
+    stage (converged or not) and whose ``lambda_max`` was certified under ``N/2`` splits
+    too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact stage, from
+    the previous call's vector).
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
         return None
+    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
+    if POLICY.warm_exact and sizes["min"] >= N and 2 * sizes["max"] < N:
+        # lambda_min needed the exact stage last time: its levels first, then straight there
+        return {"max": max(2, sizes["max"]), "min": N}
     if not (init.converged_max and init.converged_min):
         return None
-    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
     if not _under_half(sizes, N):  # (the exact stage or a half level: _warm_sizes)
         return None
     if max(sizes.values()) < POLICY.warm_split * min(sizes.values()):

@@ -127,6 +127,7 @@ class _Context:
     design: object = None  # lambda_min's stratified design once made (False: none)
     spreads: dict = field(default_factory=dict)  # end -> per-stratum spreads (a warm start's)
     spread_sizes: dict = field(default_factory=dict)  # end -> the strata sizes they were measured on
+    warm_guards: dict = field(default_factory=dict)  # end -> a warm start's guard vector (_exact)
 
     def spent(self) -> float:
         """Full-data HVP equivalents spent so far."""
@@ -259,7 +260,7 @@ def _start_vector(rows: list, op: HessianOperator, seed: int) -> Tensor | None:
     """
     if not rows:
         return None
-    known = torch.stack([r.reshape(-1).to(op.device, op.dtype) for r in rows])
+    known = torch.cat([r.reshape(-1, op.n).to(op.device, op.dtype) for r in rows])
     known = known / known.norm(dim=1, keepdim=True).clamp_min(torch.finfo(op.dtype).tiny)
     v = known.sum(0)
     v = v / v.norm() if float(v.norm()) > 0 else known[0]
@@ -343,8 +344,13 @@ def _precond_shift(values: Tensor, floor: float) -> float:
     return max(float(values[-1]), floor * top, 1e-12 * max(top, 1.0))
 
 
-def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None) -> dict:
+def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None,
+           guards: dict | None = None) -> dict:
     """Full-data Lanczos; intervals from Courant-Fischer, residual norms and rounding.
+
+    ``guards``: ``{end: vector}``, a warm start's guard vectors, added to that end's start
+    vector (``MultilevelPolicy.warm_guard``: the start is the normalised sum of the previous
+    extreme and guard vectors, plus the random component of :func:`_start_vector`).
 
     A converged end (its guard pair converged too, see :func:`_solve_ends`) gets
     ``(theta - slack, theta + e + slack)`` for ``lambda_max`` and
@@ -357,6 +363,9 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
     """
     ends = ends or _ends_of(ctx.which)
     budget = ctx.max_hvps - ctx.spent()
+    if guards:
+        v0 = {e: (torch.stack([v.reshape(-1), guards[e].reshape(-1).to(v.device, v.dtype)])
+                  if e in guards else v) for e, v in v0.items()}
     found = _solve_ends(ctx, H, ends, v0, 1.0, budget)
     scale = max(abs(f.theta) for f in found.values())
     slack = _rounding_slack(ctx, H, {e: f.vector for e, f in found.items()}, scale)
@@ -370,7 +379,8 @@ def _exact(ctx: _Context, H: HessianOperator, v0, ends: List[str] | None = None)
         else:
             interval = (theta - e - s if conv else -math.inf, theta + s)
         out[end] = dict(value=theta, interval=interval, vector=vec, converged=conv,
-                        solver=e + s if conv else math.inf, sampling=0.0)
+                        solver=e + s if conv else math.inf, sampling=0.0,
+                        guard=pair.guard.vector if pair.guard is not None else None)
     return out
 
 

@@ -104,6 +104,7 @@ def result_to_state(result: ExtremesResult) -> dict:
     for k in ("vector_max", "vector_min"):
         if state[k] is not None:
             state[k] = state[k].detach().cpu()
+    state["guard_vectors"] = {e: v.detach().cpu() for e, v in result.guard_vectors.items()}
     return state
 
 
@@ -113,6 +114,8 @@ def result_from_state(state: dict, device=None) -> ExtremesResult:
     for k in ("vector_max", "vector_min"):
         if state.get(k) is not None and device is not None:
             state[k] = state[k].to(device)
+    if device is not None and state.get("guard_vectors"):
+        state["guard_vectors"] = {e: v.to(device) for e, v in state["guard_vectors"].items()}
     for k in ("interval_max", "interval_min"):
         if isinstance(state.get(k), list):
             state[k] = tuple(state[k])

@@ -21,7 +21,9 @@ Per checkpoint ``E`` in ``--epochs``:
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
-  and with ``--strata-cut``, under each cut, side by side) and
+  and with ``--strata-cut``, under each cut, side by side; with ``--warm-exact 0,1`` under both
+  ``POLICY.warm_exact`` values, ``2``: with ``warm_guard`` too; ``--reuse-warm`` keeps that seed-0 call in ``--cache`` and
+  reads it from there on the next run) and
   ``lambda_max`` alone (``which="LA"``);
 * per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
   ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
@@ -230,6 +232,12 @@ def main(argv=None):
     p.add_argument("--warm-shrink", default=None,
                    help="comma-separated POLICY.warm_min_shrink values for the warm calls, side by "
                         "side (default: curvlab's)")
+    p.add_argument("--warm-exact", default=None,
+                   help="comma-separated warm-call rules, side by side: 0 (levels again), 1 "
+                        "(POLICY.warm_exact), 2 (warm_exact and warm_guard)")
+    p.add_argument("--reuse-warm", action="store_true",
+                   help="keep the warm start (the cold seed-0 call on c50k-e{E-1}) in --cache as "
+                        "warm_c50k-e{E-1}_s0.pt, and read it from there when present")
     p.add_argument("--curvature", default="none",
                    help="comma-separated extremes(curvature=...) values for the cold calls, side by side")
     p.add_argument("--cold-la", action="store_true", help="also lambda_max alone (which='LA') cold, per flag")
@@ -300,9 +308,18 @@ def main(argv=None):
                     show_levels(out["calls"][-1])
                     save(args, report, E, out)
         if E - 1 >= 1 and not args.cold_only:
-            prev_model, _ = load_checkpoint(paths[E - 1])
-            with policy(gap_decay=decays[0]):
-                prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
+            kept = cache / f"warm_c50k-e{E - 1}_s0.pt"
+            if args.reuse_warm and kept.exists():
+                prev = torch.load(kept, weights_only=False)
+                out["warm_start_file"] = str(kept)
+                log(f"  (warm start read from {kept}, made {prev.options.get('made', '?')})")
+            else:
+                prev_model, _ = load_checkpoint(paths[E - 1])
+                with policy(gap_decay=decays[0]):
+                    prev = curvlab.extremes(prev_model, F.cross_entropy, (X, Y), seed=0, strata=args.strata)
+                if args.reuse_warm:
+                    prev.options["made"] = time.strftime("%Y-%m-%d %H:%M")
+                    torch.save(prev, kept)
             out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
             log(f"  (warm start: e{E - 1} call, {out['warm_start']['epochs']:.1f} epochs)")
             show_levels(out["warm_start"])
@@ -312,18 +329,24 @@ def main(argv=None):
                       else [multilevel.POLICY.warm_split])
             calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {})
                      for s in range(args.first_seed, args.first_seed + args.warm_seeds)]
+            # 0: levels again; 1: POLICY.warm_exact; 2: warm_exact and warm_guard
+            exacts = ([int(x) for x in args.warm_exact.split(",")] if args.warm_exact
+                      else [int(multilevel.POLICY.warm_exact) * (1 + multilevel.POLICY.warm_guard)])
             calls.append(("warm LA", args.first_seed, {"which": "LA"}))
             for label, seed, kw in calls:
                 # (lambda_max alone: no split, no strata)
-                for k, sp, cut in [(k, sp, c) for k in (shrinks if not kw else shrinks[:1])
-                                   for sp in (splits if not kw else splits[:1])
-                                   for c in (cuts if not kw else cuts[:1])]:
-                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut, gap_decay=decays[0]):
+                for k, sp, cut, ex in [(k, sp, c, x) for k in (shrinks if not kw else shrinks[:1])
+                                       for sp in (splits if not kw else splits[:1])
+                                       for c in (cuts if not kw else cuts[:1])
+                                       for x in (exacts if not kw else exacts[:1])]:
+                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut, gap_decay=decays[0],
+                                warm_exact=ex >= 1, warm_guard=ex >= 2):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
                     name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
                         f" split {sp:g}" if len(splits) > 1 and not kw else "") + (
-                        f" {cut}" if len(cuts) > 1 and not kw else "")
+                        f" {cut}" if len(cuts) > 1 and not kw else "") + (
+                        f" exact {ex}" if len(exacts) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])

@@ -413,6 +413,36 @@ def test_an_approximations_top_vector_starts_the_shared_krylov_space(monkeypatch
     assert warm.cost.phases.get("approximation", 0.0) == 0.0
 
 
+def test_warm_guard_starts_the_exact_stage_from_the_extreme_and_guard_vectors(monkeypatch):
+    # POLICY.warm_exact with warm_guard: an end that the previous call solved exactly starts
+    # from the sum of its previous extreme and guard vectors (plus the random component);
+    # without warm_guard, from the extreme alone; the answer is the dense one either way
+    import dataclasses as dc
+    import curvlab.solve as solve
+    from curvlab import multilevel
+    model, data, H = quadratic_problem(torch.cat([torch.tensor([-1.0, -0.97]), torch.linspace(0, 5, 30)]),
+                                       samples=4)
+    w, U = torch.linalg.eigh(H)
+    prev = curvlab.extremes(model, mean_loss, data, batch_size=4)
+    assert set(prev.guard_vectors) == {"max", "min"}
+    prev = dc.replace(prev, vector_min=U[:, 0].clone(), guard_vectors={"min": U[:, 1].clone()})
+    starts = []
+    lanczos = solve.lanczos
+    monkeypatch.setattr(solve, "lanczos", lambda *a, **k: starts.append(k["X0"]) or lanczos(*a, **k))
+    overlaps = {}
+    for guard in (False, True):
+        monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_exact=True,
+                                                             warm_guard=guard))
+        starts.clear()
+        r = curvlab.extremes(model, mean_loss, data, batch_size=4, which="SA", init=prev)
+        assert len(starts) == 1 and r.converged_min
+        assert abs(r.lambda_min - float(w[0])) <= 1e-3 * abs(float(w[0]))
+        x = starts[0].reshape(-1) / starts[0].norm()
+        overlaps[guard] = (abs(float(x @ U[:, 0])), abs(float(x @ U[:, 1])))
+    assert overlaps[False][0] > 0.99 and overlaps[False][1] < 0.1, overlaps
+    assert all(0.68 < o < 0.72 for o in overlaps[True]), overlaps
+
+
 def test_kfac_falls_back_to_the_exact_fisher_for_other_losses(monkeypatch):
     # K-FAC and the diagonal are built with a Monte-Carlo Fisher (one backward pass per
     # sample) for softmax cross-entropy, and with the exact one for any other loss

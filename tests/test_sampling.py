@@ -408,6 +408,39 @@ def test_multilevel_warm_start_reuses_sample_size(mlp_problem):
     check_end(r2, "min", lmin, 0.05, slack)
 
 
+def test_warm_exact_sends_an_end_straight_to_the_exact_stage(mlp_problem, monkeypatch):
+    # POLICY.warm_exact: the first call (as above) certifies lambda_max on a subsample and
+    # needs all data for lambda_min; the warm call then runs lambda_max's levels alone and
+    # lambda_min in the exact stage at once (no level of it, no stratifying pass), and a
+    # lambda_min-alone warm call is the exact stage only; both against the dense truth
+    import dataclasses as dc
+    from curvlab import multilevel
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500, strata=1)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
+    N = r.num_samples
+    assert r.sample_sizes["max"] < N == r.sample_sizes["min"], r.sample_sizes
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_exact=True))
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **kw)
+    assert r2.levels and all(set(lv["ends"]) == {"max"} for lv in r2.levels), r2.levels
+    assert r2.levels[0]["sample_size"] == r.sample_sizes["max"]
+    assert r2.sample_sizes["min"] == N and r2.converged_min and r2.converged_max
+    assert "strata" not in r2.cost.phases or r2.cost.phases["strata"] == 0
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r2, end, truth, 0.05, slack)
+    r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, which="SA", **kw)
+    assert r3.levels == [] and r3.sample_sizes == {"min": N} and r3.converged_min
+    check_end(r3, "min", lmin, 0.05, slack)
+    # POLICY.warm_guard: that exact stage starts from the previous extreme and guard vectors
+    # (the result keeps each end's guard vector; the start's sum is checked in test_solve)
+    assert set(r.guard_vectors) == {"max", "min"} and r.guard_vectors["min"].shape == r.vector_min.shape
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_exact=True, warm_guard=True))
+    r4 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, **kw)
+    assert r4.sample_sizes["min"] == N and r4.converged_min
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r4, end, truth, 0.05, slack)
+
+
 def test_multilevel_gauss_newton_control_variate_certifies_the_top_on_a_smaller_holdout(mlp_problem):
     # the same kind of call with the control variate (the default): at the level of 1,200
     # the first holdout chunk (1,200, with its Gauss-Newton forms) says that

@@ -83,10 +83,14 @@ def test_a_new_tracker_on_the_log_and_state_resumes_warm(problem, tmp_path):
     log = tmp_path / "b.jsonl"
     first = curvlab.CurvatureTracker(model, F.cross_entropy, data, log=log, **OPTS)
     _run(first, model, data, [1, 2])
+    first_guards = dict(first.result.guard_vectors)
     del first  # "the process ends"
     again = curvlab.CurvatureTracker(model, F.cross_entropy, data, log=log, **OPTS)
     assert again.epoch == 2 and len(again.records) == 2
     assert again.result is not None and again.result.vector_max is not None
+    # the guard vectors come back too (a warm start with POLICY.warm_guard uses them)
+    assert again.result.guard_vectors and all(torch.equal(again.result.guard_vectors[e], v.cpu())
+                                              for e, v in first_guards.items())
     _train(model, data)
     result = again.step()  # epoch 3 by default
     assert result.options["warm_start"]
