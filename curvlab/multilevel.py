@@ -112,12 +112,15 @@ class MultilevelPolicy:
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
-        warm_exact: a warm call's end that the previous call solved in the exact stage
-            (its size ``N``) goes straight to that stage, from the previous call's vector,
-            rather than climbing the subsample levels again (:func:`_warm_sizes`,
-            :func:`_warm_split`): where sampling could not certify an end one epoch ago,
-            its levels are mostly a start for the exact stage, and the previous exact
-            stage's vector is another.
+        warm_exact: an end that the previous call solved in the exact stage (its
+            ``sample_sizes`` entry ``N``) goes straight to that stage, from the previous
+            call's vector, rather than climbing the subsample levels again: when every
+            wanted end went there (:func:`_warm_sizes`), or when ``lambda_min`` did and
+            ``lambda_max`` ended under ``N / 2`` (:func:`_warm_split`; other mixes climb as
+            before).  Where sampling could not certify an end one epoch ago, its levels
+            are mostly a start for the exact stage, and the previous exact stage's vector
+            is another.  Under a budget too small for that stage, such an end comes back
+            with its inward side only (no level's statistical interval to fall back on).
         warm_guard: with ``warm_exact``, that exact stage starts from the previous call's
             extreme **and** guard vectors (their normalised sum, plus the random part):
             the guard's neighbour need not be found again from the random part.
@@ -467,8 +470,8 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
     if _under_half(sizes, N):
         return max(2, min(sizes.values()))
-    if POLICY.warm_exact and all(s >= N for s in sizes.values()):
-        return N  # every end went to the exact stage last time: straight there
+    if POLICY.warm_exact and all(init.sample_sizes.get(e, 0) >= N for e in _ends_of(which)):
+        return N  # every wanted end went to the exact stage last time: straight there
     below = [lv["sample_size"] for lv in init.levels if 2 * lv["sample_size"] < N]
     return below[-1] if below else DEFAULT_SAMPLE
 
@@ -488,14 +491,14 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     (BENCHMARKS.md, "Warm calls: lambda_min from half its previous size?").
 
     With ``POLICY.warm_exact``, a previous call whose ``lambda_min`` went to the exact
-    stage (converged or not) and whose ``lambda_max`` was certified under ``N/2`` splits
-    too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact stage, from
-    the previous call's vector).
+    stage (converged or not) and whose ``lambda_max`` ended under ``N/2`` (converged or
+    not) splits too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact
+    stage, from the previous call's vector).
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
         return None
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
-    if POLICY.warm_exact and sizes["min"] >= N and 2 * sizes["max"] < N:
+    if POLICY.warm_exact and init.sample_sizes.get("min", 0) >= N and 2 * sizes["max"] < N:
         # lambda_min needed the exact stage last time: its levels first, then straight there
         return {"max": max(2, sizes["max"]), "min": N}
     if not (init.converged_max and init.converged_min):

@@ -226,7 +226,7 @@ def _solve_ends(ctx: _Context, op: HessianOperator, ends: List[str], start: dict
         out["max"] = _pair(run("LA", rows, share), *pairs["max"])
     if "min" in ends:
         delta = ctx.approx_shift
-        X0 = start["min"][None] if "min" in start else None
+        X0 = start["min"].reshape(-1, op.n) if "min" in start else None  # (a warm guard: 2 rows)
         left = max_matvecs - (share if "max" in ends else 0)
         # LOBPCG gets half of what is left; its vectors start the Lanczos run that answers
         res = lobpcg(op.matvec, op.n, which="SA", k=min(k, op.n), X0=X0,

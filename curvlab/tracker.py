@@ -99,12 +99,13 @@ def result_record(result: ExtremesResult) -> dict:
 
 def result_to_state(result: ExtremesResult) -> dict:
     """A result as plain data that ``torch.load(..., weights_only=True)`` reads back (vectors on CPU)."""
-    state = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    state = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if hasattr(result, f.name)}
     state["cost"] = dataclasses.asdict(result.cost)
     for k in ("vector_max", "vector_min"):
         if state[k] is not None:
             state[k] = state[k].detach().cpu()
-    state["guard_vectors"] = {e: v.detach().cpu() for e, v in result.guard_vectors.items()}
+    # (a result pickled before the field existed has none)
+    state["guard_vectors"] = {e: v.detach().cpu() for e, v in getattr(result, "guard_vectors", {}).items()}
     return state
 
 

@@ -308,7 +308,10 @@ def main(argv=None):
                     show_levels(out["calls"][-1])
                     save(args, report, E, out)
         if E - 1 >= 1 and not args.cold_only:
-            kept = cache / f"warm_c50k-e{E - 1}_s0.pt"
+            # (the file names the call's settings where they differ from the defaults)
+            tag = (f"_strata{args.strata}" if args.strata is not None else "") + (
+                f"_gap{decays[0]:g}" if decays[0] != multilevel.POLICY.gap_decay else "")
+            kept = cache / f"warm_c50k-e{E - 1}_s0{tag}.pt"
             if args.reuse_warm and kept.exists():
                 prev = torch.load(kept, weights_only=False)
                 out["warm_start_file"] = str(kept)

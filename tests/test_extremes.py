@@ -441,6 +441,10 @@ def test_warm_guard_starts_the_exact_stage_from_the_extreme_and_guard_vectors(mo
         overlaps[guard] = (abs(float(x @ U[:, 0])), abs(float(x @ U[:, 1])))
     assert overlaps[False][0] > 0.99 and overlaps[False][1] < 0.1, overlaps
     assert all(0.68 < o < 0.72 for o in overlaps[True]), overlaps
+    # the preconditioned lambda_min route takes that two-row start as LOBPCG's block
+    monkeypatch.setattr(curvlab.solve.APPROX_POLICY, "precondition_min", True)
+    r = curvlab.extremes(model, mean_loss, data, batch_size=4, which="SA", init=prev, curvature="ggn")
+    assert r.converged_min and abs(r.lambda_min - float(w[0])) <= 1e-3 * abs(float(w[0]))
 
 
 def test_kfac_falls_back_to_the_exact_fisher_for_other_losses(monkeypatch):
