@@ -112,9 +112,10 @@ class MultilevelPolicy:
         warm_min_shrink: a warm call whose ends are split (:func:`_warm_split`)
             starts ``lambda_min`` at its previous size over this (1: at it; 2 was
             measured and cost more on average, BENCHMARKS.md).
-        warm_exact: an end that the previous call solved in the exact stage (its
-            ``sample_sizes`` entry ``N``) goes straight to that stage, from the previous
-            call's vector, rather than climbing the subsample levels again: when every
+        warm_exact: an end that the previous call solved in the exact stage or on a half
+            level (its ``sample_sizes`` entry ``N``, or its last level ``half_level``) goes
+            straight to the exact stage, from the previous call's vector, rather than
+            climbing the subsample levels again: when every
             wanted end went there (:func:`_warm_sizes`), or when ``lambda_min`` did and
             ``lambda_max`` ended under ``N / 2`` (:func:`_warm_split`; other mixes climb as
             before).  Where sampling could not certify an end one epoch ago, its levels
@@ -249,9 +250,10 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             break
         # one level on half the images first when every end left should pass there and the
         # budget affords that level whole (a smaller one is not what was predicted to pass)
-        if (2 * m > N and POLICY.half_level and levels and 4 * m_used <= N
+        half = (2 * m > N and POLICY.half_level and levels and 4 * m_used <= N
                 and all(e in ahead and ahead[e] <= POLICY.half_margin for e in todo)
-                and _fits(remaining, N, len(todo)) >= N // 2):
+                and _fits(remaining, N, len(todo)) >= N // 2)
+        if half:
             m = N // 2
         if 2 * m > N:
             if last and remaining < POLICY.exact_products * len(todo):
@@ -305,6 +307,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
         ests = _certify(ctx, design, alloc, found, todo, done, spend_all=final, spreads=spreads,
                         reserve=reserve)
         level = {"sample_size": m, "ends": {}}
+        if half:  # (a stratified allocation may fall short of N/2: the warm start's test needs this)
+            level["half_level"] = True
         short: dict = {}  # end -> target, for the ends not yet within it
         if design.stratified:
             level["allocation"] = list(alloc)
@@ -446,6 +450,19 @@ def _keep_level_bounds(end: str, exact: dict, level: dict | None) -> dict:
     return dict(exact, value=value, interval=(lo, hi), sampling=level["sampling"], solver=solver)
 
 
+def _last_sizes(init, ends: List[str], N: int) -> dict:
+    """Per end, the previous call's last size (``init.sample_sizes``), a half level counted
+    as ``(N + 1) // 2``: a stratified half level's allocation can fall short of ``N / 2``
+    (e.g. 24,428 of 50,000), and it is still the level after which only the exact stage
+    comes."""
+    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ends}
+    for e in ends:
+        last = next((lv for lv in reversed(init.levels) if e in lv.get("ends", {})), None)
+        if last is not None and last.get("half_level") and sizes[e] < N:
+            sizes[e] = max(sizes[e], (N + 1) // 2)
+    return sizes
+
+
 def _under_half(sizes: dict, N: int) -> bool:
     """Whether every end's last size was a subsample under ``N/2`` (not the exact stage's ``N``
     or a half level's ``N/2``): the warm start's test, shared by :func:`_warm_sizes` and
@@ -459,20 +476,22 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     When the previous call certified every wanted end on subsamples under ``N/2``,
     the smallest of their sizes; when it needed the exact stage or a half level (``N/2``)
     for one, its last subsample level under ``N/2`` (whose vectors start the exact stage
-    well; this call's start vectors come from the previous one), or with
-    ``POLICY.warm_exact``, ``N`` (the exact stage at once) when every wanted end went to
-    the exact stage.  Default otherwise.
+    well; this call's start vectors come from the previous one; a half level, whose
+    stratified allocation can fall short of ``N/2``, is not one: :func:`_last_sizes`), or
+    with ``POLICY.warm_exact``, ``N`` (the exact stage at once) when every wanted end went
+    to the exact stage or a half level.  Default otherwise.
     """
     if sample_size is not None:
         return sample_size
     if init is None or init.num_samples != N:
         return DEFAULT_SAMPLE
-    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in _ends_of(which)}
+    sizes = _last_sizes(init, _ends_of(which), N)
     if _under_half(sizes, N):
         return max(2, min(sizes.values()))
-    if POLICY.warm_exact and all(init.sample_sizes.get(e, 0) >= N for e in _ends_of(which)):
-        return N  # every wanted end went to the exact stage last time: straight there
-    below = [lv["sample_size"] for lv in init.levels if 2 * lv["sample_size"] < N]
+    if POLICY.warm_exact and all(e in init.sample_sizes and 2 * sizes[e] >= N for e in sizes):
+        return N  # every wanted end went to the exact stage or a half level: straight there
+    below = [lv["sample_size"] for lv in init.levels
+             if 2 * lv["sample_size"] < N and not lv.get("half_level")]
     return below[-1] if below else DEFAULT_SAMPLE
 
 
@@ -491,15 +510,16 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     (BENCHMARKS.md, "Warm calls: lambda_min from half its previous size?").
 
     With ``POLICY.warm_exact``, a previous call whose ``lambda_min`` went to the exact
-    stage (converged or not) and whose ``lambda_max`` ended under ``N/2`` (converged or
-    not) splits too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact
+    stage (converged or not) or a half level and whose ``lambda_max`` ended under ``N/2``
+    (converged or not) splits too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact
     stage, from the previous call's vector).
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
         return None
-    sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ("max", "min")}
-    if POLICY.warm_exact and init.sample_sizes.get("min", 0) >= N and 2 * sizes["max"] < N:
-        # lambda_min needed the exact stage last time: its levels first, then straight there
+    sizes = _last_sizes(init, ["max", "min"], N)
+    if POLICY.warm_exact and "min" in init.sample_sizes and 2 * sizes["min"] >= N and 2 * sizes["max"] < N:
+        # lambda_min needed the exact stage or a half level last time: lambda_max's levels
+        # first, then lambda_min straight to the exact stage
         return {"max": max(2, sizes["max"]), "min": N}
     if not (init.converged_max and init.converged_min):
         return None

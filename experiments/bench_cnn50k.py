@@ -23,7 +23,8 @@ Per checkpoint ``E`` in ``--epochs``:
   of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
   and with ``--strata-cut``, under each cut, side by side; with ``--warm-exact 0,1`` under both
   ``POLICY.warm_exact`` values, ``2``: with ``warm_guard`` too; ``--reuse-warm`` keeps that seed-0 call in ``--cache`` and
-  reads it from there on the next run) and
+  reads it from there on the next run; ``--warm-all-data``: also ``sampling="exact"`` from the
+  previous vectors) and
   ``lambda_max`` alone (``which="LA"``);
 * per call: values, intervals, converged flags, cost in full-data HVPs and in epochs, and
   ``cost.phases`` (search, certify, exact, approximation, rounding), and seconds;
@@ -235,6 +236,9 @@ def main(argv=None):
     p.add_argument("--warm-exact", default=None,
                    help="comma-separated warm-call rules, side by side: 0 (levels again), 1 "
                         "(POLICY.warm_exact), 2 (warm_exact and warm_guard)")
+    p.add_argument("--warm-all-data", action="store_true",
+                   help="also the warm call with sampling='exact' (all data, from the previous vectors); "
+                        "--warm-seeds 0 leaves it and lambda_max alone")
     p.add_argument("--reuse-warm", action="store_true",
                    help="keep the warm start (the cold seed-0 call on c50k-e{E-1}) in --cache as "
                         "warm_c50k-e{E-1}_s0.pt, and read it from there when present")
@@ -354,6 +358,12 @@ def main(argv=None):
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])
                     save(args, report, E, out)
+            if args.warm_all_data:  # the exact regime on all data, from the previous vectors
+                r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=args.first_seed, init=prev,
+                                     sampling="exact")
+                out["calls"].append(row("warm sampling=exact", r, ratio, ref))
+                show(out["calls"][-1])
+                save(args, report, E, out)
         if args.baseline:
             counter = Counter()
             t = time.perf_counter()

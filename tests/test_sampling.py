@@ -432,6 +432,19 @@ def test_warm_exact_sends_an_end_straight_to_the_exact_stage(mlp_problem, monkey
     r3 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=r, which="SA", **kw)
     assert r3.levels == [] and r3.sample_sizes == {"min": N} and r3.converged_min
     check_end(r3, "min", lmin, 0.05, slack)
+    # a previous lambda_min certified on a half level (a stratified one falls short of N/2,
+    # here 1,400 of 3,000): by default the warm call climbs from the last level under N/2
+    # (not from 1,400 as an ordinary level), with warm_exact it goes to the exact stage
+    half = dc.replace(r, sample_sizes={"max": 200, "min": 1400}, converged_max=True, converged_min=True,
+                      levels=[dict(sample_size=200, ends={"max": {}, "min": {}}),
+                              dict(sample_size=1400, half_level=True, ends={"min": {}})])
+    r5 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=half, **kw)
+    assert r5.levels and r5.sample_sizes["min"] == N and not any("min" in lv["ends"] for lv in r5.levels)
+    check_end(r5, "min", lmin, 0.05, slack)
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_exact=False))
+    r6 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=half, **kw)
+    assert (r6.levels[0]["sample_size"], set(r6.levels[0]["ends"])) == (200, {"max", "min"}), r6.levels
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_exact=True))
     # POLICY.warm_guard: that exact stage starts from the previous extreme and guard vectors
     # (the result keeps each end's guard vector; that the start is their sum is
     # test_extremes.py's test_warm_guard_starts_the_exact_stage_from_the_extreme_and_guard_vectors;
