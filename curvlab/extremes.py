@@ -199,7 +199,7 @@ def _check_int(name: str, value, low: int, what: str = "") -> None:
 
 def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
              tol: float = 1e-2, tol_min: float | None = 5e-2, floor: float = 1e-5,
-             max_hvps: float = 300, max_basis: int = 40, init: ExtremesResult | None = None,
+             max_hvps: float = 300, max_basis: int = 120, init: ExtremesResult | None = None,
              sampling: str = "auto", sample_size: int | None = None, confidence: float = 0.95,
              seed: int = 0, device=None, dtype: torch.dtype | None = None,
              batch_size: int = 256, method: str = "auto", curvature: str = "none",
@@ -275,7 +275,11 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             a budget of one epoch is ``max_hvps`` of about 0.4).  Building a
             curvature approximation is paid first and is not limited by it.
         max_basis: Krylov basis size before a thick restart (memory: twice
-            this many vectors of length ``n``).
+            this many vectors of length ``n`` at most, e.g. 9.6 GB for ``n = 10^7`` in
+            float32; a run uses only what its products need).  Restarts slow a
+            clustered bottom down: at ``c50k-e30`` a subsample's ``lambda_min`` search
+            took 139 products at 40 and 73 at 120 (BENCHMARKS.md, "The restart basis");
+            searches of under 40 products are unchanged.
         init: a previous :class:`ExtremesResult` (same architecture): its
             eigenvectors start the solver and, subsampled, the smallest of its
             ends' final sample sizes is the first one tried (when it needed all
@@ -401,7 +405,7 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
         _check_positive("tol_min", tol_min, " (a relative tolerance, e.g. 5e-2) or None for tol")
     tol_min = tol if tol_min is None else tol_min
     _check_positive("max_hvps", max_hvps, " (a budget in full-data Hessian-vector products)")
-    _check_int("max_basis", max_basis, 1, " (Krylov vectors kept before a restart, e.g. 40)")
+    _check_int("max_basis", max_basis, 1, " (Krylov vectors kept before a restart, e.g. 120)")
     if sample_size is not None:
         _check_int("sample_size", sample_size, 2, " (the first subsample size) or None")
     if (not isinstance(confidence, numbers.Real) or isinstance(confidence, bool)

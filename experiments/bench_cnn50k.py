@@ -17,7 +17,8 @@ Per checkpoint ``E`` in ``--epochs``:
   ``--span-spread 1,0`` with and without the subsample bound's span spread
   (``POLICY.span_spread``); ``--half-level 0`` (or ``1``) sets ``POLICY.half_level`` for the cold calls;
   ``--gap-decay 0.5,1`` runs the cold calls under each ``POLICY.gap_decay`` (how the next level's
-  size is predicted), side by side (the warm calls take the first value);
+  size is predicted), side by side (the warm calls take the first value); ``--max-basis B``
+  passes ``max_basis=B`` to the cold calls;
 * **warm**: the same call with ``init=`` the cold seed-0 call on ``c50k-e{E-1}`` (per-epoch use),
   both ends (seeds ``0 .. --warm-seeds - 1``; with ``--warm-shrink 1,2``, each under both values
   of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
@@ -236,6 +237,8 @@ def main(argv=None):
     p.add_argument("--warm-exact", default=None,
                    help="comma-separated warm-call rules, side by side: 0 (levels again), 1 "
                         "(POLICY.warm_exact), 2 (warm_exact and warm_guard)")
+    p.add_argument("--max-basis", type=int, default=None,
+                   help="extremes(max_basis=...) for the cold calls (the thick-restart basis; default 120, 40 before 2026-12-07)")
     p.add_argument("--warm-all-data", action="store_true",
                    help="also the warm call with sampling='exact' (all data, from the previous vectors); "
                         "--warm-seeds 0 leaves it and lambda_max alone")
@@ -261,6 +264,7 @@ def main(argv=None):
     if args.score:
         return score(args.score, Path(args.cache))
     flags = args.curvature.split(",")
+    basis = {} if args.max_basis is None else {"max_basis": args.max_basis}  # (the cold calls)
     half = multilevel.POLICY.half_level if args.half_level is None else bool(args.half_level)
     cuts = args.strata_cut.split(",") if args.strata_cut else [multilevel.POLICY.strata_cut]
     spans = ([bool(int(x)) for x in args.span_spread.split(",")] if args.span_spread
@@ -300,7 +304,7 @@ def main(argv=None):
                 for which in ("both", "LA") if args.cold_la else ("both",):
                     with policy(strata_cut=cut, span_spread=span, half_level=half, gap_decay=decay):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=s, strata=args.strata,
-                                             curvature=flag, which=which)
+                                             curvature=flag, which=which, **basis)
                     if which == "both" and (first is None or (flag == "none" and first_flag != "none")):
                         first, first_flag = r, flag  # the floors' vectors: the first seed's, "none" first
                     label = f"cold s{s}" + (f" {flag}" if len(flags) > 1 or flag != "none" else "") + (

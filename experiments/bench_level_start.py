@@ -15,6 +15,9 @@ Ritz values and residuals.  What it tells: how much a level's search gains from 
 smaller level of the same call (and, compared with a warm call's search cost, from the previous
 epoch's vector).
 
+With ``--bases 40,120`` only the ``--big`` level from a random start, once per thick-restart
+basis size (``max_basis``).
+
 Run (1 thread)::
 
     OMP_NUM_THREADS=1 python -m experiments.bench_level_start --epoch 5 --small 2048 --big 8192
@@ -39,7 +42,7 @@ from experiments.cifar import find_cifar10
 lanczos_module = importlib.import_module("curvlab.lanczos")  # (curvlab.lanczos is also the function)
 
 
-def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80) -> tuple:
+def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80, max_basis: int = 60) -> tuple:
     """The level search on the first ``m`` images of ``perm``: (result, per-step trace)."""
     trace = []
     ritz = lanczos_module._ritz
@@ -54,7 +57,7 @@ def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80) -> tu
     try:
         HS = H.subset(perm[:m])
         r = lanczos_module.lanczos(HS.matvec, HS.n, which="SA", k=2, X0=X0, tol=(tol, tol),
-                                   max_matvecs=max_matvecs, max_basis=60, guard=True, seed=0)
+                                   max_matvecs=max_matvecs, max_basis=max_basis, guard=True, seed=0)
     finally:
         lanczos_module._ritz = ritz
     return r, trace
@@ -87,14 +90,19 @@ def level_problem(args) -> tuple:
 
 
 def main(argv=None):
-    args = level_arguments(__doc__.split("\n")[0], epoch=5).parse_args(argv)
+    p = level_arguments(__doc__.split("\n")[0], epoch=5)
+    p.add_argument("--bases", default=None,
+                   help="comma-separated max_basis values: only the --big level from a random start, "
+                        "once per value (the search's thick-restart basis; extremes' default is 40)")
+    p.add_argument("--max-products", type=int, default=200, help="with --bases: products per run at most")
+    args = p.parse_args(argv)
     H, perm, rnd = level_problem(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
                   epoch=args.epoch, runs=[])
 
-    def record(label, m, X0):
+    def record(label, m, X0, **kw):
         t = time.perf_counter()
-        r, trace = search(H, perm, m, X0)
+        r, trace = search(H, perm, m, X0, **kw)
         row = dict(label=label, m=m, products=r.matvecs, converged=r.converged.tolist(),
                    values=r.values.tolist(), residuals=r.residual_norms.tolist(),
                    seconds=time.perf_counter() - t, trace=trace)
@@ -106,6 +114,10 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(report, indent=1))
         return r
 
+    if args.bases:  # the --big level from a random start, per thick-restart basis size
+        for b in (int(x) for x in args.bases.split(",")):
+            record(f"random start, max_basis {b}", args.big, None, max_basis=b, max_matvecs=args.max_products)
+        return
     small = record("random start", args.small, None)
     v = small.vectors[0] / small.vectors[0].norm()
     w = small.vectors[1] / small.vectors[1].norm()
