@@ -124,7 +124,9 @@ class MultilevelPolicy:
             with its inward side only (no level's statistical interval to fall back on).
         warm_guard: with ``warm_exact``, that exact stage starts from the previous call's
             extreme **and** guard vectors (their normalised sum, plus the random part):
-            the guard's neighbour need not be found again from the random part.
+            the guard's neighbour need not be found again from the random part.  Only for
+            an end the previous call solved in the exact stage (a half level's guard is
+            its subsample's, and the extreme vector alone starts it).
     """
 
     first_size: int = 2048
