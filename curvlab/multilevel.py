@@ -122,6 +122,16 @@ class MultilevelPolicy:
             are mostly a start for the exact stage, and the previous exact stage's vector
             is another.  Under a budget too small for that stage, such an end comes back
             with its inward side only (no level's statistical interval to fall back on).
+        warm_min_cap: a fraction of ``N``, or ``None`` (off).  A previous ``lambda_min``
+            certified on an ordinary level above ``warm_min_cap * N`` (under ``N / 2``) is
+            taken as one that sampling could barely certify: a warm call treats it as it
+            treats a half level (:func:`_last_sizes`), starting at the previous call's last
+            level at or under the cap rather than at that size (or with ``warm_exact``, in
+            the exact stage).  Such a level's search runs long on a clustered bottom, and
+            when ``|lambda_min|`` shrinks between epochs its target shrinks with it and the
+            level falls short: at ``c50k-e30`` from ``c50k-e29``'s call (``lambda_min`` -0.605
+            -> -0.302, accepted at 24,428 images), the warm call cost 250 epochs against 154
+            cold (BENCHMARKS.md, "Warm calls at ``c50k-e30``").
         warm_guard: with ``warm_exact``, that exact stage starts from the previous call's
             extreme **and** guard vectors (their normalised sum, plus the random part):
             the guard's neighbour need not be found again from the random part.  Only for
@@ -163,6 +173,7 @@ class MultilevelPolicy:
     warm_split: float = 2.0
     warm_exact: bool = False
     warm_guard: bool = False
+    warm_min_cap: float | None = None
     gap_decay: float = 1.0
     half_level: bool = True
     half_margin: float = 1.25
@@ -174,6 +185,10 @@ class MultilevelPolicy:
                 and self.gap_decay >= 0):
             raise ValueError(f"MultilevelPolicy.gap_decay must be a finite number >= 0, got "
                              f"{self.gap_decay!r}")
+        if self.warm_min_cap is not None and not (isinstance(self.warm_min_cap, (int, float))
+                                                  and 0 < self.warm_min_cap < 0.5):
+            raise ValueError(f"MultilevelPolicy.warm_min_cap must be None or a fraction of N in "
+                             f"(0, 0.5), got {self.warm_min_cap!r}")
         if not 1 <= self.min_growth <= self.max_growth:
             raise ValueError(f"MultilevelPolicy needs 1 <= min_growth <= max_growth, got "
                              f"{self.min_growth} and {self.max_growth}")
@@ -456,13 +471,28 @@ def _last_sizes(init, ends: List[str], N: int) -> dict:
     """Per end, the previous call's last size (``init.sample_sizes``), a half level counted
     as ``(N + 1) // 2``: a stratified half level's allocation can fall short of ``N / 2``
     (e.g. 24,428 of 50,000), and it is still the level after which only the exact stage
-    comes."""
+    comes.  With ``POLICY.warm_min_cap``, ``lambda_min`` on an ordinary level over the cap
+    counts as a half level too."""
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ends}
     for e in ends:
         last = next((lv for lv in reversed(init.levels) if e in lv.get("ends", {})), None)
         if last is not None and last.get("half_level") and sizes[e] < N:
             sizes[e] = max(sizes[e], (N + 1) // 2)
+    cap = POLICY.warm_min_cap
+    if cap is not None and "min" in sizes and cap * N < sizes["min"] < N:
+        sizes["min"] = max(sizes["min"], (N + 1) // 2)
     return sizes
+
+
+def _level_below_cap(level: dict, N: int) -> bool:
+    """Whether a previous call's level can start a warm call's climb: an ordinary level under
+    ``N / 2`` (not a half level), and under ``POLICY.warm_min_cap * N`` if it held
+    ``lambda_min`` and the cap is set."""
+    size = level["sample_size"]
+    if 2 * size >= N or level.get("half_level"):
+        return False
+    cap = POLICY.warm_min_cap
+    return cap is None or "min" not in level.get("ends", {"min": None}) or size <= cap * N
 
 
 def _under_half(sizes: dict, N: int) -> bool:
@@ -492,8 +522,7 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
         return max(2, min(sizes.values()))
     if POLICY.warm_exact and all(e in init.sample_sizes and 2 * sizes[e] >= N for e in sizes):
         return N  # every wanted end went to the exact stage or a half level: straight there
-    below = [lv["sample_size"] for lv in init.levels
-             if 2 * lv["sample_size"] < N and not lv.get("half_level")]
+    below = [lv["sample_size"] for lv in init.levels if _level_below_cap(lv, N)]
     return below[-1] if below else DEFAULT_SAMPLE
 
 

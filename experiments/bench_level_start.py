@@ -42,14 +42,16 @@ from experiments.cifar import find_cifar10
 lanczos_module = importlib.import_module("curvlab.lanczos")  # (curvlab.lanczos is also the function)
 
 
-def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80, max_basis: int = 60) -> tuple:
-    """The level search on the first ``m`` images of ``perm``: (result, per-step trace)."""
+def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80, max_basis: int = 60,
+           block_size: int | None = None) -> tuple:
+    """The level search on the first ``m`` images of ``perm``: (result, per-step trace).
+    ``block_size``: rows per Lanczos step (``None``: one, or the start block's rows)."""
     trace = []
     ritz = lanczos_module._ritz
 
     def traced(V, AV, theta, S, idx):
         out = ritz(V, AV, theta, S, idx)
-        trace.append(dict(basis=V.shape[0], values=[float(t) for t in theta[idx]],
+        trace.append(dict(basis=V.shape[0], time=time.perf_counter(), values=[float(t) for t in theta[idx]],
                           residuals=[float(r) for r in out[2]]))
         return out
 
@@ -57,7 +59,8 @@ def search(H, perm, m: int, X0, tol: float = 0.025, max_matvecs: int = 80, max_b
     try:
         HS = H.subset(perm[:m])
         r = lanczos_module.lanczos(HS.matvec, HS.n, which="SA", k=2, X0=X0, tol=(tol, tol),
-                                   max_matvecs=max_matvecs, max_basis=max_basis, guard=True, seed=0)
+                                   max_matvecs=max_matvecs, max_basis=max_basis, guard=True, seed=0,
+                                   block_size=block_size)
     finally:
         lanczos_module._ritz = ritz
     return r, trace
@@ -95,6 +98,9 @@ def main(argv=None):
                    help="comma-separated max_basis values: only the --big level from a random start, "
                         "once per value (the search's thick-restart basis; extremes' default is 40)")
     p.add_argument("--max-products", type=int, default=200, help="with --bases: products per run at most")
+    p.add_argument("--blocks", default="1",
+                   help="with --bases: comma-separated Lanczos block sizes (rows per step), each run "
+                        "per basis size; a block of k costs (1 + 2k)/3 single HVPs in FLOPs (rev-rev)")
     args = p.parse_args(argv)
     H, perm, rnd = level_problem(args)
     report = dict(date=time.strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads(),
@@ -103,7 +109,8 @@ def main(argv=None):
     def record(label, m, X0, **kw):
         t = time.perf_counter()
         r, trace = search(H, perm, m, X0, **kw)
-        row = dict(label=label, m=m, products=r.matvecs, converged=r.converged.tolist(),
+        row = dict(label=label, m=m, products=r.matvecs, block_size=kw.get("block_size") or 1,
+                   converged=r.converged.tolist(),
                    values=r.values.tolist(), residuals=r.residual_norms.tolist(),
                    seconds=time.perf_counter() - t, trace=trace)
         report["runs"].append(row)
@@ -116,7 +123,10 @@ def main(argv=None):
 
     if args.bases:  # the --big level from a random start, per thick-restart basis size
         for b in (int(x) for x in args.bases.split(",")):
-            record(f"random start, max_basis {b}", args.big, None, max_basis=b, max_matvecs=args.max_products)
+            for k in (int(x) for x in args.blocks.split(",")):
+                label = f"random start, max_basis {b}" + (f", block {k}" if k > 1 else "")
+                record(label, args.big, None, max_basis=b, max_matvecs=args.max_products,
+                       block_size=k)
         return
     small = record("random start", args.small, None)
     v = small.vectors[0] / small.vectors[0].norm()

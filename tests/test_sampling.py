@@ -536,6 +536,44 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeyp
     assert set(r5.levels[0]["ends"]) == {"max", "min"}
 
 
+def test_warm_min_cap_climbs_from_the_last_level_under_it(mlp_problem, monkeypatch):
+    # POLICY.warm_min_cap: a previous lambda_min certified on an ordinary level over the cap
+    # (1,000 of 3,000 > 0.25 N) counts as a half level; the warm call climbs with both ends
+    # from the previous call's last level at or under the cap (600), not from 1,000 (the
+    # default, split: lambda_max from 200, then lambda_min at 1,000); with warm_exact it sends
+    # lambda_min to the exact stage.  Both against the dense truth
+    import dataclasses as dc
+    from curvlab import multilevel
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    kw = dict(sampling="multilevel", tol=0.05, tol_min=0.05, batch_size=500)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), sample_size=200, **kw)
+    levels = [dict(sample_size=200, ends={"max": {}, "min": {}}), dict(sample_size=600, ends={"min": {}}),
+              dict(sample_size=1000, ends={"min": {}})]
+    prev = dc.replace(r, sample_sizes={"max": 200, "min": 1000}, converged_max=True, converged_min=True,
+                      levels=levels)
+    N = r.num_samples
+    assert multilevel._warm_split(prev, N, "both", None) == {"max": 200, "min": 1000}
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_cap=0.25))
+    assert multilevel._warm_split(prev, N, "both", None) is None
+    assert multilevel._warm_sizes(prev, N, "both", None) == 600
+    # (seed 1: these are 95 % intervals, and at a level of 600 seed 0's lambda_max interval is
+    # the one in 20 that misses, warm or cold: measured 19 of 20 over seeds 0-19, cold)
+    r2 = curvlab.extremes(model, F.cross_entropy, (X, Y), init=prev, seed=1, **kw)
+    assert (r2.levels[0]["sample_size"], set(r2.levels[0]["ends"])) == (600, {"max", "min"}), r2.levels
+    for end, truth in (("max", lmax), ("min", lmin)):
+        check_end(r2, end, truth, 0.05, slack)
+    # under the cap nothing changes; lambda_max's size is never capped
+    under = dc.replace(prev, sample_sizes={"max": 200, "min": 700}, levels=levels[:1] + [dict(sample_size=700, ends={"min": {}})])
+    assert multilevel._warm_split(under, N, "both", None) == {"max": 200, "min": 700}
+    assert multilevel._warm_sizes(dc.replace(prev, sample_sizes={"max": 1000}, levels=[dict(
+        sample_size=1000, ends={"max": {}})]), N, "LA", None) == 1000
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_cap=0.25, warm_exact=True))
+    assert multilevel._warm_split(prev, N, "both", None) == {"max": 200, "min": N}
+    for bad in (0, 0.5, -1.0, "x"):
+        with pytest.raises(ValueError, match="warm_min_cap"):
+            dc.replace(multilevel.POLICY, warm_min_cap=bad)
+
+
 def test_each_uniform_level_draws_a_fresh_permutation(mlp_problem, monkeypatch):
     # a level's S and holdout must not be chosen by the last level's holdout: continuing one
     # permutation, S_k = S_{k-1} + the first samples of T_{k-1}, the very samples whose
