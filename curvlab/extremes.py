@@ -284,10 +284,11 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             eigenvectors start the solver and, subsampled, the smallest of its
             ends' final sample sizes is the first one tried (when it needed all
             data for a wanted end: its last subsample level).  When both ends
-            were certified on subsamples at least four times apart in size
-            (``lambda_max`` early, ``lambda_min`` late, as is usual), each end
-            starts at its own previous size: ``lambda_max``'s levels first, then
-            ``lambda_min``'s.
+            were certified on subsamples at least ``multilevel.POLICY.warm_split`` (2) times
+            apart in size (``lambda_max`` early, ``lambda_min`` late, as is usual),
+            each end starts at its own previous size: ``lambda_max``'s levels first,
+            then ``lambda_min``'s (:func:`curvlab.multilevel._warm_split`, and
+            ``POLICY.warm_exact``, ``warm_min_cap`` there).
         sampling: ``"auto"``, ``"exact"`` or ``"multilevel"`` (above).
         sample_size: first subsample size (multilevel).
         confidence: level of the sampling intervals (multilevel).  The level

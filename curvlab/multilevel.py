@@ -123,11 +123,12 @@ class MultilevelPolicy:
             is another.  Under a budget too small for that stage, such an end comes back
             with its inward side only (no level's statistical interval to fall back on).
         warm_min_cap: a fraction of ``N``, or ``None`` (off).  A previous ``lambda_min``
-            certified on an ordinary level above ``warm_min_cap * N`` (under ``N / 2``) is
-            taken as one that sampling could barely certify: a warm call treats it as it
-            treats a half level (:func:`_last_sizes`), starting at the previous call's last
-            level at or under the cap rather than at that size (or with ``warm_exact``, in
-            the exact stage).  Such a level's search runs long on a clustered bottom, and
+            that ended (converged or not) on a level above ``warm_min_cap * N`` (short of
+            all ``N``) is taken as one that sampling could barely certify: a warm call
+            that wants ``lambda_min`` treats it as it treats a half level
+            (:func:`_last_sizes`), climbing with both ends from the previous call's last
+            level at or under the cap (:func:`_climb_start`) rather than starting
+            ``lambda_min`` at that size (or, with ``warm_exact``, in the exact stage).  Such a level's search runs long on a clustered bottom, and
             when ``|lambda_min|`` shrinks between epochs its target shrinks with it and the
             level falls short: at ``c50k-e30`` from ``c50k-e29``'s call (``lambda_min`` -0.605
             -> -0.302, accepted at 24,428 images), the warm call cost 250 epochs against 154
@@ -472,27 +473,39 @@ def _last_sizes(init, ends: List[str], N: int) -> dict:
     as ``(N + 1) // 2``: a stratified half level's allocation can fall short of ``N / 2``
     (e.g. 24,428 of 50,000), and it is still the level after which only the exact stage
     comes.  With ``POLICY.warm_min_cap``, ``lambda_min`` on an ordinary level over the cap
-    counts as a half level too."""
+    counts as a half level too (:func:`_min_capped`)."""
     sizes = {e: init.sample_sizes.get(e, init.sample_size) for e in ends}
     for e in ends:
         last = next((lv for lv in reversed(init.levels) if e in lv.get("ends", {})), None)
         if last is not None and last.get("half_level") and sizes[e] < N:
             sizes[e] = max(sizes[e], (N + 1) // 2)
-    cap = POLICY.warm_min_cap
-    if cap is not None and "min" in sizes and cap * N < sizes["min"] < N:
+    if _min_capped(init, ends, N):
         sizes["min"] = max(sizes["min"], (N + 1) // 2)
     return sizes
 
 
-def _level_below_cap(level: dict, N: int) -> bool:
-    """Whether a previous call's level can start a warm call's climb: an ordinary level under
-    ``N / 2`` (not a half level), and under ``POLICY.warm_min_cap * N`` if it held
-    ``lambda_min`` and the cap is set."""
-    size = level["sample_size"]
-    if 2 * size >= N or level.get("half_level"):
-        return False
+def _min_capped(init, ends: List[str], N: int) -> bool:
+    """Whether ``POLICY.warm_min_cap`` applies to a warm call for ``ends`` after ``init``:
+    ``lambda_min`` is wanted and the previous call's ``lambda_min`` ended (converged or
+    not) on a subsample of more than ``warm_min_cap * N`` samples, short of all ``N``."""
     cap = POLICY.warm_min_cap
-    return cap is None or "min" not in level.get("ends", {"min": None}) or size <= cap * N
+    size = init.sample_sizes.get("min")
+    return cap is not None and "min" in ends and size is not None and cap * N < size < N
+
+
+def _climb_start(init, ends: List[str], N: int) -> int:
+    """Where a warm call climbs from when a wanted end needed the exact stage or a half level
+    (or, with ``POLICY.warm_min_cap``, a ``lambda_min`` level over the cap): the previous
+    call's last ordinary level under ``N / 2`` (not a half level), and at most
+    ``warm_min_cap * N`` when the cap applies (:func:`_min_capped`); without one, the default
+    first size (at most the cap's size when it applies)."""
+    capped = _min_capped(init, ends, N)
+    limit = POLICY.warm_min_cap * N if capped else math.inf
+    below = [lv["sample_size"] for lv in init.levels
+             if 2 * lv["sample_size"] < N and not lv.get("half_level") and lv["sample_size"] <= limit]
+    if below:
+        return below[-1]
+    return max(2, min(DEFAULT_SAMPLE, int(limit))) if capped else DEFAULT_SAMPLE
 
 
 def _under_half(sizes: dict, N: int) -> bool:
@@ -511,7 +524,9 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     well; this call's start vectors come from the previous one; a half level, whose
     stratified allocation can fall short of ``N/2``, is not one: :func:`_last_sizes`), or
     with ``POLICY.warm_exact``, ``N`` (the exact stage at once) when every wanted end went
-    to the exact stage or a half level.  Default otherwise.
+    to the exact stage or a half level.  With ``POLICY.warm_min_cap``, a wanted
+    ``lambda_min`` that ended on a level over the cap counts as a half level, and the climb
+    starts at the last level at or under the cap (:func:`_climb_start`).  Default otherwise.
     """
     if sample_size is not None:
         return sample_size
@@ -522,8 +537,7 @@ def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
         return max(2, min(sizes.values()))
     if POLICY.warm_exact and all(e in init.sample_sizes and 2 * sizes[e] >= N for e in sizes):
         return N  # every wanted end went to the exact stage or a half level: straight there
-    below = [lv["sample_size"] for lv in init.levels if _level_below_cap(lv, N)]
-    return below[-1] if below else DEFAULT_SAMPLE
+    return _climb_start(init, _ends_of(which), N)
 
 
 def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | None:
@@ -543,7 +557,8 @@ def _warm_split(init, N: int, which: str, sample_size: int | None) -> dict | Non
     With ``POLICY.warm_exact``, a previous call whose ``lambda_min`` went to the exact
     stage (converged or not) or a half level and whose ``lambda_max`` ended under ``N/2``
     (converged or not) splits too: ``lambda_max`` from its size, then ``lambda_min`` at ``N`` (the exact
-    stage, from the previous call's vector).
+    stage, from the previous call's vector).  A ``lambda_min`` over ``POLICY.warm_min_cap``
+    counts as a half level here too (:func:`_last_sizes`): no split without ``warm_exact``.
     """
     if sample_size is not None or init is None or which != "both" or init.num_samples != N:
         return None

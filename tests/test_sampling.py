@@ -562,11 +562,25 @@ def test_warm_min_cap_climbs_from_the_last_level_under_it(mlp_problem, monkeypat
     assert (r2.levels[0]["sample_size"], set(r2.levels[0]["ends"])) == (600, {"max", "min"}), r2.levels
     for end, truth in (("max", lmax), ("min", lmin)):
         check_end(r2, end, truth, 0.05, slack)
-    # under the cap nothing changes; lambda_max's size is never capped
-    under = dc.replace(prev, sample_sizes={"max": 200, "min": 700}, levels=levels[:1] + [dict(sample_size=700, ends={"min": {}})])
-    assert multilevel._warm_split(under, N, "both", None) == {"max": 200, "min": 700}
-    assert multilevel._warm_sizes(dc.replace(prev, sample_sizes={"max": 1000}, levels=[dict(
-        sample_size=1000, ends={"max": {}})]), N, "LA", None) == 1000
+    # at or under the cap nothing changes
+    for size in (700, 750):
+        under = dc.replace(prev, sample_sizes={"max": 200, "min": size},
+                           levels=levels[:1] + [dict(sample_size=size, ends={"min": {}})])
+        assert multilevel._warm_split(under, N, "both", None) == {"max": 200, "min": size}
+    # a call that does not want lambda_min is never capped: lambda_max went to all data, and
+    # the climb starts at the last level under N/2, 1,000 (which held lambda_min too)
+    both = [dict(sample_size=200, ends={"max": {}, "min": {}}), dict(sample_size=1000, ends={"max": {}, "min": {}})]
+    la = dc.replace(prev, sample_sizes={"max": N, "min": 1000}, levels=both)
+    assert multilevel._warm_sizes(la, N, "LA", None) == 1000
+    assert multilevel._warm_sizes(la, N, "both", None) == 200
+    # every level of the climb's start is at or under the cap, lambda_max's too (a split
+    # call's levels: lambda_max's, then lambda_min's)
+    split = dc.replace(prev, levels=[dict(sample_size=200, ends={"max": {}}), dict(sample_size=800, ends={"max": {}}),
+                                     dict(sample_size=1000, ends={"min": {}})])
+    assert multilevel._warm_sizes(split, N, "both", None) == 200
+    # nothing at or under the cap: the cap's size (the default first size is over N/2 here)
+    alone = dc.replace(prev, sample_sizes={"min": 1000}, levels=[dict(sample_size=1000, ends={"min": {}})])
+    assert multilevel._warm_sizes(alone, N, "SA", None) == 750
     monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_cap=0.25, warm_exact=True))
     assert multilevel._warm_split(prev, N, "both", None) == {"max": 200, "min": N}
     for bad in (0, 0.5, -1.0, "x"):
