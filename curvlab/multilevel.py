@@ -122,17 +122,20 @@ class MultilevelPolicy:
             are mostly a start for the exact stage, and the previous exact stage's vector
             is another.  Under a budget too small for that stage, such an end comes back
             with its inward side only (no level's statistical interval to fall back on).
-        warm_min_cap: a fraction of ``N``, or ``None`` (off).  A previous ``lambda_min``
-            that ended (converged or not) on a level above ``warm_min_cap * N`` (short of
-            all ``N``) is taken as one that sampling could barely certify: a warm call
-            that wants ``lambda_min`` treats it as it treats a half level
+        warm_min_cap: a fraction of ``N`` (0.4), or ``None`` (off).  A previous
+            ``lambda_min`` that ended (converged or not) on a level above
+            ``warm_min_cap * N`` (short of all ``N``) is taken as one that sampling could
+            barely certify (the previous call's size rule put it just under ``N / 2``): a
+            warm call that wants ``lambda_min`` treats it as it treats a half level
             (:func:`_last_sizes`), climbing with both ends from the previous call's last
             level at or under the cap (:func:`_climb_start`) rather than starting
-            ``lambda_min`` at that size (or, with ``warm_exact``, in the exact stage).  Such a level's search runs long on a clustered bottom, and
-            when ``|lambda_min|`` shrinks between epochs its target shrinks with it and the
-            level falls short: at ``c50k-e30`` from ``c50k-e29``'s call (``lambda_min`` -0.605
-            -> -0.302, accepted at 24,428 images), the warm call cost 250 epochs against 154
-            cold (BENCHMARKS.md, "Warm calls at ``c50k-e30``").
+            ``lambda_min`` at that size (or, with ``warm_exact``, in the exact stage).  Such
+            a level's search runs long on a clustered bottom, and when ``|lambda_min|``
+            shrinks between epochs its target shrinks with it and the level falls short.
+            At ``c50k-e30`` from ``c50k-e29``'s call (``lambda_min`` -0.605 -> -0.302,
+            accepted at 24,428 images) the warm call cost 250 epochs without the cap and
+            185 with it (154 cold; BENCHMARKS.md, "A cap on lambda_min's warm size"); no
+            other measured warm call started ``lambda_min`` over 0.4 N.
         warm_guard: with ``warm_exact``, that exact stage starts from the previous call's
             extreme **and** guard vectors (their normalised sum, plus the random part):
             the guard's neighbour need not be found again from the random part.  Only for
@@ -174,7 +177,7 @@ class MultilevelPolicy:
     warm_split: float = 2.0
     warm_exact: bool = False
     warm_guard: bool = False
-    warm_min_cap: float | None = None
+    warm_min_cap: float | None = 0.4
     gap_decay: float = 1.0
     half_level: bool = True
     half_margin: float = 1.25

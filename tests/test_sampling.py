@@ -539,9 +539,9 @@ def test_warm_call_starts_each_end_at_its_own_previous_size(mlp_problem, monkeyp
 def test_warm_min_cap_climbs_from_the_last_level_under_it(mlp_problem, monkeypatch):
     # POLICY.warm_min_cap: a previous lambda_min certified on an ordinary level over the cap
     # (1,000 of 3,000 > 0.25 N) counts as a half level; the warm call climbs with both ends
-    # from the previous call's last level at or under the cap (600), not from 1,000 (the
-    # default, split: lambda_max from 200, then lambda_min at 1,000); with warm_exact it sends
-    # lambda_min to the exact stage.  Both against the dense truth
+    # from the previous call's last level at or under the cap (600), not from 1,000 (under
+    # the default cap, 0.4 N = 1,200, split: lambda_max from 200, then lambda_min at 1,000);
+    # with warm_exact it sends lambda_min to the exact stage.  Both against the dense truth
     import dataclasses as dc
     from curvlab import multilevel
     model, X, Y, lmin, lmax, slack = mlp_problem
@@ -552,7 +552,11 @@ def test_warm_min_cap_climbs_from_the_last_level_under_it(mlp_problem, monkeypat
     prev = dc.replace(r, sample_sizes={"max": 200, "min": 1000}, converged_max=True, converged_min=True,
                       levels=levels)
     N = r.num_samples
+    assert multilevel.POLICY.warm_min_cap == 0.4
     assert multilevel._warm_split(prev, N, "both", None) == {"max": 200, "min": 1000}
+    monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_cap=None))
+    assert multilevel._warm_split(dc.replace(prev, sample_sizes={"max": 200, "min": 1400}), N, "both",
+                                  None) == {"max": 200, "min": 1400}
     monkeypatch.setattr(multilevel, "POLICY", dc.replace(multilevel.POLICY, warm_min_cap=0.25))
     assert multilevel._warm_split(prev, N, "both", None) is None
     assert multilevel._warm_sizes(prev, N, "both", None) == 600
