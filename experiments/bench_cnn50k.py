@@ -24,7 +24,8 @@ Per checkpoint ``E`` in ``--epochs``:
   of ``POLICY.warm_min_shrink``, with ``--warm-split 4,2`` under both of ``POLICY.warm_split``,
   and with ``--strata-cut``, under each cut, side by side; with ``--warm-exact 0,1`` under both
   ``POLICY.warm_exact`` values, ``2``: with ``warm_guard`` too; with ``--warm-min-cap none,0.4``
-  under each ``POLICY.warm_min_cap``; ``--reuse-warm`` keeps that seed-0 call in ``--cache`` and
+  under each ``POLICY.warm_min_cap``, with ``--half-margin 1.25,2`` under each
+  ``POLICY.half_margin``; ``--reuse-warm`` keeps that seed-0 call in ``--cache`` and
   reads it from there on the next run; ``--warm-all-data``: also ``sampling="exact"`` from the
   previous vectors) and
   ``lambda_max`` alone (``which="LA"``);
@@ -241,6 +242,8 @@ def main(argv=None):
     p.add_argument("--warm-min-cap", default=None,
                    help="comma-separated POLICY.warm_min_cap values for the warm calls, side by side "
                         "('none' for off; e.g. none,0.4)")
+    p.add_argument("--half-margin", default=None,
+                   help="comma-separated POLICY.half_margin values for the warm calls, side by side")
     p.add_argument("--max-basis", type=int, default=None,
                    help="extremes(max_basis=...) for the cold calls (the thick-restart basis; default 120, 40 before 2026-12-07)")
     p.add_argument("--warm-all-data", action="store_true",
@@ -349,23 +352,27 @@ def main(argv=None):
                       else [int(multilevel.POLICY.warm_exact) * (1 + multilevel.POLICY.warm_guard)])
             caps = ([None if x == "none" else float(x) for x in args.warm_min_cap.split(",")]
                     if args.warm_min_cap else [multilevel.POLICY.warm_min_cap])
+            margins = ([float(x) for x in args.half_margin.split(",")] if args.half_margin
+                       else [multilevel.POLICY.half_margin])
             calls.append(("warm LA", args.first_seed, {"which": "LA"}))
             for label, seed, kw in calls:
                 # (lambda_max alone: no split, no strata)
-                for k, sp, cut, ex, cap in [(k, sp, c, x, cp) for k in (shrinks if not kw else shrinks[:1])
-                                            for sp in (splits if not kw else splits[:1])
-                                            for c in (cuts if not kw else cuts[:1])
-                                            for x in (exacts if not kw else exacts[:1])
-                                            for cp in (caps if not kw else caps[:1])]:
+                for k, sp, cut, ex, cap, hm in [(k, sp, c, x, cp, h) for k in (shrinks if not kw else shrinks[:1])
+                                                for sp in (splits if not kw else splits[:1])
+                                                for c in (cuts if not kw else cuts[:1])
+                                                for x in (exacts if not kw else exacts[:1])
+                                                for cp in (caps if not kw else caps[:1])
+                                                for h in (margins if not kw else margins[:1])]:
                     with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut, gap_decay=decays[0],
-                                warm_exact=ex >= 1, warm_guard=ex >= 2, warm_min_cap=cap):
+                                warm_exact=ex >= 1, warm_guard=ex >= 2, warm_min_cap=cap, half_margin=hm):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
                     name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
                         f" split {sp:g}" if len(splits) > 1 and not kw else "") + (
                         f" {cut}" if len(cuts) > 1 and not kw else "") + (
                         f" exact {ex}" if len(exacts) > 1 and not kw else "") + (
-                        f" cap {cap}" if len(caps) > 1 and not kw else "")
+                        f" cap {cap}" if len(caps) > 1 and not kw else "") + (
+                        f" margin {hm:g}" if len(margins) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])
