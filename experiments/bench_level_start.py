@@ -96,7 +96,7 @@ def main(argv=None):
     p = level_arguments(__doc__.split("\n")[0], epoch=5)
     p.add_argument("--bases", default=None,
                    help="comma-separated max_basis values: only the --big level from a random start, "
-                        "once per value (the search's thick-restart basis; extremes' default is 40)")
+                        "once per value (the search's thick-restart basis; extremes' default is 120)")
     p.add_argument("--max-products", type=int, default=200, help="with --bases: products per run at most")
     p.add_argument("--blocks", default="1",
                    help="with --bases: comma-separated Lanczos block sizes (rows per step), each run "
