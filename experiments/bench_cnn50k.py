@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -205,6 +206,26 @@ def score(paths, cache: Path) -> dict:
     return table
 
 
+def warm_knobs(args, cuts: list) -> list:
+    """The warm calls' policy knobs, side by side: per knob, its values as ``(policy changes,
+    label suffix)`` (the suffix names the value in a call's label when the knob has several)."""
+    P = multilevel.POLICY
+
+    def values(option, parse, default):
+        return [parse(x) for x in option.split(",")] if option else [default]
+    # --warm-exact: 0, levels again; 1, POLICY.warm_exact; 2, warm_exact and warm_guard
+    return [
+        [(dict(warm_min_shrink=k), f" shrink {k}") for k in values(args.warm_shrink, int, P.warm_min_shrink)],
+        [(dict(warm_split=sp), f" split {sp:g}") for sp in values(args.warm_split, float, P.warm_split)],
+        [(dict(strata_cut=c), f" {c}") for c in cuts],
+        [(dict(warm_exact=x >= 1, warm_guard=x >= 2), f" exact {x}")
+         for x in values(args.warm_exact, int, int(P.warm_exact) * (1 + P.warm_guard))],
+        [(dict(warm_min_cap=c), f" cap {c}")
+         for c in values(args.warm_min_cap, lambda x: None if x == "none" else float(x), P.warm_min_cap)],
+        [(dict(half_margin=h), f" margin {h:g}") for h in values(args.half_margin, float, P.half_margin)],
+    ]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None)
@@ -341,38 +362,22 @@ def main(argv=None):
             out["warm_start"] = row(f"cold e{E - 1}", prev, ratio, None)
             log(f"  (warm start: e{E - 1} call, {out['warm_start']['epochs']:.1f} epochs)")
             show_levels(out["warm_start"])
-            shrinks = ([int(k) for k in args.warm_shrink.split(",")] if args.warm_shrink
-                       else [multilevel.POLICY.warm_min_shrink])
-            splits = ([float(k) for k in args.warm_split.split(",")] if args.warm_split
-                      else [multilevel.POLICY.warm_split])
             calls = [(f"warm s{s}" if args.warm_seeds > 1 else "warm", s, {})
                      for s in range(args.first_seed, args.first_seed + args.warm_seeds)]
-            # 0: levels again; 1: POLICY.warm_exact; 2: warm_exact and warm_guard
-            exacts = ([int(x) for x in args.warm_exact.split(",")] if args.warm_exact
-                      else [int(multilevel.POLICY.warm_exact) * (1 + multilevel.POLICY.warm_guard)])
-            caps = ([None if x == "none" else float(x) for x in args.warm_min_cap.split(",")]
-                    if args.warm_min_cap else [multilevel.POLICY.warm_min_cap])
-            margins = ([float(x) for x in args.half_margin.split(",")] if args.half_margin
-                       else [multilevel.POLICY.half_margin])
             calls.append(("warm LA", args.first_seed, {"which": "LA"}))
+            knobs = warm_knobs(args, cuts)
             for label, seed, kw in calls:
-                # (lambda_max alone: no split, no strata)
-                for k, sp, cut, ex, cap, hm in [(k, sp, c, x, cp, h) for k in (shrinks if not kw else shrinks[:1])
-                                                for sp in (splits if not kw else splits[:1])
-                                                for c in (cuts if not kw else cuts[:1])
-                                                for x in (exacts if not kw else exacts[:1])
-                                                for cp in (caps if not kw else caps[:1])
-                                                for h in (margins if not kw else margins[:1])]:
-                    with policy(warm_min_shrink=k, warm_split=sp, strata_cut=cut, gap_decay=decays[0],
-                                warm_exact=ex >= 1, warm_guard=ex >= 2, warm_min_cap=cap, half_margin=hm):
+                # (lambda_max alone: no split, no strata; each knob at its first value)
+                for choice in itertools.product(*[values if not kw else values[:1] for values in knobs]):
+                    changes = dict(gap_decay=decays[0])
+                    name = label
+                    for values, (change, suffix) in zip(knobs, choice):
+                        changes.update(change)
+                        if len(values) > 1 and not kw:
+                            name += suffix
+                    with policy(**changes):
                         r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev,
                                              strata=args.strata, **kw)
-                    name = label + (f" shrink {k}" if len(shrinks) > 1 and not kw else "") + (
-                        f" split {sp:g}" if len(splits) > 1 and not kw else "") + (
-                        f" {cut}" if len(cuts) > 1 and not kw else "") + (
-                        f" exact {ex}" if len(exacts) > 1 and not kw else "") + (
-                        f" cap {cap}" if len(caps) > 1 and not kw else "") + (
-                        f" margin {hm:g}" if len(margins) > 1 and not kw else "")
                     out["calls"].append(row(name, r, ratio, ref))
                     show(out["calls"][-1])
                     show_levels(out["calls"][-1])
