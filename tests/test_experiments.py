@@ -320,3 +320,39 @@ def test_bench_traps_counts_wrong_intervals():
     (row,) = rows.values()
     assert row["spectrum"] == "deep" and row["seeds"] == 4 and row["converged"] == 4
     assert row["wrong"] == 0 and row["lambda_min"] == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_bench_half_reads_the_half_level_decision_from_the_levels():
+    # the tests' MLP at floor 0.03, sample_size 100, seed 7: the level of 400 leaves lambda_min
+    # short, the forced half level (1,500 of 3,000) follows; the row's figures are the level
+    # records' and the stub stops the call where its exact stage would begin
+    from curvlab import multilevel
+    from experiments import bench_half
+    from experiments.bench_cnn50k import policy
+    from experiments.models import noisy_mlp
+    model, X, Y = noisy_mlp()
+    kw = dict(sampling="multilevel", sample_size=100, tol=0.05, tol_min=0.05, floor=0.03, seed=7)
+    real = multilevel._exact
+    with policy(half_margin=math.inf), bench_half.stubbed_exact():
+        r = curvlab.extremes(model, F.cross_entropy, (X, Y), **kw)
+    assert multilevel._exact is real
+    rows = bench_half.decisions(r, 2.0, len(X))
+    assert rows and all(d["half_size"] == len(X) // 2 for d in rows)
+    (lv,) = [i for i, x in enumerate(r.levels) if x["sample_size"] == rows[0]["level"]]
+    half = r.levels[lv + 1]
+    assert half.get("half_level")
+    for d in rows:
+        e, h = r.levels[lv]["ends"][d["end"]], half["ends"][d["end"]]
+        lo, hi = h["interval"]
+        assert d["predicted"] == e["half_prediction"] and d["passed"] == h["accepted"]
+        assert d["found"] == pytest.approx((hi - lo) / 2 / h["target"])
+        assert d["found_over_predicted"] == pytest.approx((hi - lo) / 2 / (e["half_prediction"] * e["target"]))
+        assert d["half_epochs"] == pytest.approx(2.0 * (half["hvps_so_far"] - r.levels[lv]["hvps_so_far"]))
+    # an end the half level left short (seed 3, sample_size 150) went to the stub: no value,
+    # the half level's interval, not converged, nothing spent after that level
+    with policy(half_margin=math.inf), bench_half.stubbed_exact():
+        s = curvlab.extremes(model, F.cross_entropy, (X, Y), **dict(kw, sample_size=150, seed=3))
+    assert s.levels[-1].get("half_level") and not s.levels[-1]["ends"]["min"]["accepted"]
+    assert not s.converged_min and math.isnan(s.lambda_min)
+    assert s.interval_min == tuple(s.levels[-1]["ends"]["min"]["interval"])
+    assert s.cost.hvps == pytest.approx(s.levels[-1]["hvps_so_far"])
