@@ -103,9 +103,11 @@ class MultilevelPolicy:
             At least 0.
         half_level, half_margin: when the next size passes ``N / 2`` after a level of at
             most ``N / 4``, run one level on ``N / 2`` images before the exact stage if the
-            budget affords it and every end left is predicted to meet its target there, within ``half_margin`` times it
-            (:func:`_half_prediction`; BENCHMARKS.md, "The subsample bound's spread over the
-            extreme and guard span" and "A half level when it is predicted to pass").
+            budget affords it and every end left is predicted to meet its target there, within
+            ``half_margin`` times it, on the tighter of its two sides (the subsample bound's,
+            :func:`_half_prediction`, and Kato-Temple's, :func:`_half_kato_temple`;
+            BENCHMARKS.md, "The subsample bound's spread over the extreme and guard span", "A
+            half level when it is predicted to pass" and "The half level's two sides").
         warm_split: a warm call splits its ends (:func:`_warm_split`) when the previous
             call's sizes are at least this many times apart (4, ``max_growth``, until
             BENCHMARKS.md's "Warm calls at the retrained c50k-e15").
@@ -243,7 +245,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
        most ``4m``); once ``m' > N/2`` the
        remaining ends are solved exactly on all data, after one level on ``N/2``
        samples when the last level was at most ``N/4``, the budget affords it, and every
-       end left is predicted to pass there (:func:`_half_prediction`, ``POLICY.half_level``).
+       end left is predicted to pass there (:func:`_half_prediction`,
+       :func:`_half_kato_temple`, ``POLICY.half_level``).
 
     When the budget (``max_hvps``) runs out, the ends not done are returned
     with their last intervals and ``converged = False``.  A level's subsample
@@ -350,6 +353,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
                                       residual_full=est.residual, interval=interval,
                                       control_variate=est.control_variate,
                                       kato_temple=kt, accepted=ok, target=target,
+                                      guard_theta=pair.guard.theta if pair.guard is not None else math.nan,
+                                      guard_residual=pair.guard.residual if pair.guard is not None else math.nan,
                                       overturned=end in ctx.overturned,
                                       stratum_std=est.stratum_std,
                                       strata_sizes=list(ctx.design.sizes) if est.stratum_std and ctx.design else [])
@@ -370,9 +375,13 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
             else:
                 last[end] = entry
                 short[end] = target
-                predicted = _half_prediction(ctx, found[end], est, m, interval)
-                ahead[end] = predicted / target if target > 0 else math.inf
-                level["ends"][end]["half_prediction"] = ahead[end]
+                # (the subsample bound's side and Kato-Temple's: the half level takes the tighter)
+                sides = (_half_prediction(ctx, found[end], est, m, interval),
+                         _half_kato_temple(ctx, end, found[end], est, m))
+                stat, kato = (x / target if target > 0 else math.inf for x in sides)
+                ahead[end] = min(stat, kato)
+                level["ends"][end].update(half_prediction=ahead[end], half_prediction_stat=stat,
+                                          half_prediction_kt=kato)
         for end, target in short.items():
             # an end alone at the next level gets a Neyman subsample for its spreads: its
             # subsample spread falls by that allocation's gain over this level's
@@ -705,6 +714,32 @@ def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple)
     return (_excess_at(gap, spread, m, half, N) + pair.residual + spread * _se_ratio(m, half, N)) / 2
 
 
+def _half_kato_temple(ctx: _Context, end: str, pair: EndPair, est, m: int) -> float:
+    """The half-width an end's Kato-Temple side is predicted to give at a level on ``N / 2``
+    samples, when that level's holdout completes the data (the Rayleigh quotient and the
+    residual then exact, ``se = 0``: :func:`_certify` grows it so far where that side is
+    predicted to pass, :func:`_wanted_holdout`, and the budget affords it; a holdout stopped
+    short gives about ``z se + res^2 / (2 (gap - z se))``): ``(f res)^2 / (2 gap)``, ``res`` this level's full-data residual bound scaled by the
+    finite-population factor ``f`` (:func:`_se_ratio`; the residual of a vector found on ``S``
+    is sampling noise), ``gap`` the distance from the holdout's Rayleigh quotient to the
+    level's neighbour (:func:`_neighbour`).  ``inf`` where the pair or its guard has not
+    settled, or the predicted residual is not under the gap.  The subsample-bound prediction
+    (:func:`_half_prediction`) misses this side, which certified ``lambda_min`` at
+    ``c50k-e28`` (a bottom apart from its neighbour) at 0.16 of its target where that
+    prediction said 3.2 (BENCHMARKS.md, "The half level's two sides").
+    """
+    N = ctx.H.num_samples
+    if m >= N // 2 or not (math.isfinite(est.value) and math.isfinite(est.residual)):
+        return math.inf
+    stat = extreme_interval(end, est, pair.theta, pair.residual, ctx.z, m, N)
+    _, neighbour = _neighbour(ctx, end, pair, est, m, stat)  # (infinite unless settled)
+    gap = est.value - neighbour if end == "max" else neighbour - est.value
+    res = est.residual * _se_ratio(m, N // 2, N)
+    if not (math.isfinite(gap) and gap > res):
+        return math.inf
+    return res ** 2 / gap / 2
+
+
 def _target(ctx: _Context, end: str, centre: float, found: dict, done: dict) -> float:
     """Half-width wanted for ``end``: its tolerance, or the floor relative to ``lambda_max``."""
     top = found["max"].theta if "max" in found else done.get("max", {}).get("value", 0.0)
@@ -722,44 +757,48 @@ def _level_interval(ctx: _Context, end: str, pair: EndPair, est, m: int):
     The outward side is the tighter of the subsample bound
     (:func:`curvlab.sampling.extreme_interval`) and Kato-Temple
     (:func:`curvlab.sampling.kato_temple_interval`, with the next eigenvalue
-    taken as the subsample's next Ritz value moved outward by its residual: a
-    heuristic, as the subsample's second eigenvalue is not a bound on the full
-    data's).  Both need the subsample's extreme pair **and its guard** to have
-    settled: met the solver's tolerance (the guard's convergence is part of the
-    pair's), or have residuals under a tenth of the sampling spread (a residual
-    bounds the distance to *an* eigenvalue, the extreme one only once the Krylov
-    space has found it: a search stopped early by the budget has not).  An end
-    whose guard the holdout put beyond its extreme (``ctx.overturned``,
-    :func:`curvlab.sampling.guard_overturns`), or whose subsample bound the holdout
-    contradicts (:func:`curvlab.sampling.extreme_interval`), has not settled either:
-    ``S`` under-represents the extreme eigenvector, and its guard is no neighbour for
-    Kato-Temple.  Otherwise that side is infinite.
+    :func:`_neighbour`'s).  Both need the subsample's extreme pair **and its guard** to have
+    settled (:func:`_neighbour`); otherwise that side is infinite.
     """
-    theta, res, conv, nxt = pair.theta, pair.residual, pair.converged, pair.guard
-    N = ctx.H.num_samples
-    inf = math.inf if end == "max" else -math.inf
-    stat = extreme_interval(end, est, theta, res, ctx.z, m, N)
-    # a pair that missed the solver's tolerance is still trusted when its residual is
-    # far below the sampling spread (the tolerance could not change the interval)
-    noise = POLICY.settle_noise * ctx.z * subsample_se(est, m, N)
-    # (the guard must have settled too: a small residual alone may belong to the second
-    # eigenvalue of a cluster while the first is not yet in the Krylov space)
-    guard_settled = nxt is not None and (nxt.converged or nxt.residual <= noise)
-    # a subsample bound the holdout contradicts (infinite from extreme_interval) means S
-    # under-represents the extreme eigenvector: S's guard is then no neighbour for
-    # Kato-Temple either
-    settled = ((conv or (res <= noise and guard_settled)) and end not in ctx.overturned
-               and not _contradicted(end, stat))
+    stat = extreme_interval(end, est, pair.theta, pair.residual, ctx.z, m, ctx.H.num_samples)
+    settled, neighbour = _neighbour(ctx, end, pair, est, m, stat)
     if not settled:
+        inf = math.inf if end == "max" else -math.inf
         stat = (stat[0], inf) if end == "max" else (inf, stat[1])
-    if not settled or not guard_settled:
-        neighbour = inf
-    else:
-        neighbour = nxt.theta + nxt.residual if end == "max" else nxt.theta - nxt.residual
     kt = kato_temple_interval(end, est, ctx.z, neighbour)
     if end == "max":
         return (stat[0], min(stat[1], kt[1])), kt, kt[1] < stat[1]
     return (max(stat[0], kt[0]), stat[1]), kt, kt[0] > stat[0]
+
+
+def _neighbour(ctx: _Context, end: str, pair: EndPair, est, m: int, stat: tuple) -> tuple:
+    """``(settled, neighbour)``: whether a level's extreme pair has settled, and the next
+    eigenvalue that Kato-Temple takes (``+-inf``, no bound, unless the guard settled too).
+
+    The neighbour is the subsample's next Ritz value moved outward by its residual: a
+    heuristic, as the subsample's second eigenvalue is not a bound on the full data's.  The
+    pair has settled when it met the solver's tolerance (the guard's convergence is part of
+    the pair's), or its residual and its guard's are under a tenth of the sampling spread (a
+    residual bounds the distance to *an* eigenvalue, the extreme one only once the Krylov
+    space has found it: a search stopped early by the budget has not).  An end whose guard
+    the holdout put beyond its extreme (``ctx.overturned``,
+    :func:`curvlab.sampling.guard_overturns`), or whose subsample bound ``stat`` the holdout
+    contradicts (:func:`curvlab.sampling.extreme_interval`), has not settled either: ``S``
+    under-represents the extreme eigenvector, and its guard is no neighbour for Kato-Temple.
+    """
+    res, conv, nxt = pair.residual, pair.converged, pair.guard
+    inf = math.inf if end == "max" else -math.inf
+    # a pair that missed the solver's tolerance is still trusted when its residual is
+    # far below the sampling spread (the tolerance could not change the interval)
+    noise = POLICY.settle_noise * ctx.z * subsample_se(est, m, ctx.H.num_samples)
+    # (the guard must have settled too: a small residual alone may belong to the second
+    # eigenvalue of a cluster while the first is not yet in the Krylov space)
+    guard_settled = nxt is not None and (nxt.converged or nxt.residual <= noise)
+    settled = ((conv or (res <= noise and guard_settled)) and end not in ctx.overturned
+               and not _contradicted(end, stat))
+    if not settled or not guard_settled:
+        return settled, inf
+    return settled, (nxt.theta + nxt.residual if end == "max" else nxt.theta - nxt.residual)
 
 
 def _certify(ctx: _Context, design: Design, alloc: List[int], found: dict, ends: List[str],

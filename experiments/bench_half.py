@@ -1,21 +1,24 @@
 """How well the half level's prediction foretells the half level (issue 13): forced half levels.
 
 A call's levels end, once the next size passes ``N / 2`` after a level of at most ``N / 4``,
-either with one level on ``N / 2`` images (when every end left is predicted to pass there,
-:func:`curvlab.multilevel._half_prediction`, within ``POLICY.half_margin`` times its target)
-or with the exact stage on all data.  This script measures the prediction against what the
+either with one level on ``N / 2`` images (when every end left is predicted to pass there
+within ``POLICY.half_margin`` times its target, on the tighter of the subsample bound's side,
+:func:`curvlab.multilevel._half_prediction`, and Kato-Temple's,
+:func:`curvlab.multilevel._half_kato_temple`) or with the exact stage on all data.  This script measures the prediction against what the
 half level then finds, wherever the decision arises: every call runs with the half level
 forced (``half_margin = inf``) and, with ``--stub-exact``, with the exact stage replaced by a
 stub that returns nothing (the call stops after its half level, or after the decision when
 the half level could not run; its intervals are then not results, and the script reports no
-values).  Per call, at the decision: the prediction over the target (``predicted``), the half
+values).  Per call, at the decision: the prediction over the target (``predicted``; the two
+sides in the level record, ``at_level``), the half
 level's half-width over its own target (``found``), their ratio (``found / predicted``, the
 prediction's conservatism), whether the half level passed, and the cost in epochs (HVP-equivalents
 times the HVP's FLOPs over a gradient's) up to the decision and of the half level alone.
 
 Cases:
 
-* ``--epochs E,...``: the ResNet-8 checkpoints ``c50k-e{E}`` of ``experiments/bench_cnn50k.py``
+* ``--epochs E,...`` (with ``--stop-at-decision``, each call stops at the decision: the
+  predictions without the half level): the ResNet-8 checkpoints ``c50k-e{E}`` of ``experiments/bench_cnn50k.py``
   (all 50,000 images), cold calls for ``--seeds`` seeds from ``--first-seed``; with ``--warm``,
   also the warm call from the cached seed-0 call on ``c50k-e{E-1}`` (``bench_cnn50k
   --reuse-warm`` writes it; it is never computed here);
@@ -68,11 +71,12 @@ def stubbed_exact():
         multilevel._exact = real
 
 
-def decisions(r, ratio: float, N: int) -> list:
+def decisions(r, ratio: float, N: int, stopped: bool = False) -> list:
     """The calls' half-level decisions, from ``r.levels``: per end that a level of at most
     ``N / 4`` left short with a ``half_prediction``, and whose next level was a half level or
     the exact stage, the prediction, what the half level found (half-width over its target), and
-    the costs (in epochs, with ``ratio`` the HVP's FLOPs over a gradient's)."""
+    the costs (in epochs, with ``ratio`` the HVP's FLOPs over a gradient's); ``stopped``: the
+    call ran with ``--stop-at-decision``."""
     out, levels = [], r.levels
     for i, lv in enumerate(levels):
         before = levels[i - 1]["hvps_so_far"] if i else 0.0
@@ -91,7 +95,8 @@ def decisions(r, ratio: float, N: int) -> list:
                            found_over_predicted=found * h["target"] / (d["half_prediction"] * d["target"]),
                            half_epochs=(nxt["hvps_so_far"] - lv["hvps_so_far"]) * ratio, at_half=parts(h))
             elif nxt is None:
-                row.update(half_size=None, note="no half level (budget, or the last level's size)")
+                row.update(half_size=None, note="stopped at the decision" if stopped
+                           else "no half level (budget, or the last level's size)")
             else:
                 continue  # an ordinary level followed: not a decision
             out.append(row)
@@ -105,14 +110,19 @@ def parts(d: dict) -> dict:
     lo, hi = d["interval"]
     return dict(rayleigh=d["rayleigh_holdout"], se=d["standard_error"], theta_subsample=d["theta_subsample"],
                 residual=d["residual"], subsample_se=d["subsample_se"], holdout=d["holdout"],
-                half_width=(hi - lo) / 2, target=d["target"])
+                half_width=(hi - lo) / 2, target=d["target"], residual_full=d["residual_full"],
+                kato_temple=d["kato_temple"], guard_theta=d.get("guard_theta"),
+                guard_residual=d.get("guard_residual"), half_prediction_stat=d.get("half_prediction_stat"),
+                half_prediction_kt=d.get("half_prediction_kt"))
 
 
 def show(label, r, ratio, rows):
     log(f"  {label}: {r.cost.hvps * ratio:.1f} epochs ({r.cost.hvps:.2f} HVPs, {r.cost.seconds:.0f} s), "
         f"levels {[lv['sample_size'] for lv in r.levels]}")
     for d in rows:
-        s = f"    {d['end']} after {d['level']}: predicted {d['predicted']:.2f}"
+        a = d["at_level"]
+        s = (f"    {d['end']} after {d['level']}: predicted {d['predicted']:.2f} (subsample side "
+             f"{a.get('half_prediction_stat', math.nan):.2f}, Kato-Temple {a.get('half_prediction_kt', math.nan):.2f})")
         if d.get("half_size"):
             s += (f", found {d['found']:.2f} at {d['half_size']} (found/predicted {d['found_over_predicted']:.2f}), "
                   f"passed {d['passed']}; {d['epochs_to_decision']:.1f} epochs to the decision, "
@@ -137,14 +147,17 @@ def cnn(args, report, save):
                 calls.append(("warm", args.first_seed, torch.load(kept, weights_only=False)))
             else:
                 log(f"  (no cached warm start {kept}: run bench_cnn50k --reuse-warm first)")
+        # (--stop-at-decision: no half level and no exact stage, only the levels up to the decision)
+        knob = dict(half_level=False) if args.stop_at_decision else dict(half_margin=math.inf)
+        stub = args.stub_exact or args.stop_at_decision
         for label, seed, prev in calls:
-            with policy(half_margin=math.inf), (stubbed_exact() if args.stub_exact else contextlib.nullcontext()):
+            with policy(**knob), (stubbed_exact() if stub else contextlib.nullcontext()):
                 r = curvlab.extremes(model, F.cross_entropy, (X, Y), seed=seed, init=prev)
-            rows = decisions(r, ratio, len(X))
+            rows = decisions(r, ratio, len(X), args.stop_at_decision)
             report["calls"].append(dict(case=f"c50k-e{E}", call=label, train_acc=meta["train_acc"],
                                         epochs=r.cost.hvps * ratio, seconds=r.cost.seconds,
                                         levels=[lv["sample_size"] for lv in r.levels], decisions=rows,
-                                        stubbed=args.stub_exact))
+                                        stubbed=stub, stopped_at_decision=args.stop_at_decision))
             show(f"c50k-e{E} {label}", r, ratio, rows)
             save()
 
@@ -176,6 +189,8 @@ def main(argv=None):
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--warm", action="store_true", help="also the warm call from the cached e{E-1} call")
     p.add_argument("--stub-exact", action="store_true", help="stop each CNN call where its exact stage would begin")
+    p.add_argument("--stop-at-decision", action="store_true",
+                   help="no half level and no exact stage: each CNN call stops at its decision (the predictions only)")
     p.add_argument("--mlp", action="store_true", help="the tests' MLP")
     p.add_argument("--mlp-seeds", type=int, default=10)
     p.add_argument("--mlp-sizes", default="100,150,400")

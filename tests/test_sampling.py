@@ -233,6 +233,30 @@ def test_half_level_when_predicted_to_pass(mlp_problem, monkeypatch):
     check_end(off, "min", lmin, 0.05, slack)
 
 
+def test_half_level_on_the_kato_temple_side(mlp_problem):
+    # floor 3 % of lambda_max, sample_size 100, seed 7: after the level of 400 both ends are
+    # short; lambda_max's subsample side predicts 1.6 targets on N/2 samples (over the margin
+    # of 1.25), its Kato-Temple side 0.87 (an isolated top: the half level then finds 0.14).
+    # The rule takes the tighter side, so the half level runs and certifies both ends, which
+    # hold the dense truth (BENCHMARKS.md, "The half level's two sides"); on the subsample
+    # side alone the exact stage would have followed
+    from curvlab import multilevel
+    model, X, Y, lmin, lmax, slack = mlp_problem
+    N = len(X)
+    kw = dict(sampling="multilevel", sample_size=100, tol=0.05, tol_min=0.05, floor=0.03, seed=7)
+    r = curvlab.extremes(model, F.cross_entropy, (X, Y), **kw)
+    assert [lv["sample_size"] for lv in r.levels] == [100, 400, N // 2]
+    top = r.levels[1]["ends"]["max"]
+    assert top["half_prediction_kt"] < multilevel.POLICY.half_margin < top["half_prediction_stat"]
+    for end in ("max", "min"):
+        d = r.levels[1]["ends"][end]
+        assert d["half_prediction"] == min(d["half_prediction_stat"], d["half_prediction_kt"])
+        assert d["half_prediction"] <= multilevel.POLICY.half_margin
+        assert r.levels[2]["ends"][end]["accepted"]
+    check_end(r, "max", lmax, 0.05, slack)
+    check_end(r, "min", lmin, 0.05, slack)
+
+
 def test_policy_refuses_a_negative_gap_decay_and_growth_bounds_out_of_order():
     from curvlab import multilevel
     for bad in (-0.5, float("nan"), float("inf")):

@@ -9,6 +9,7 @@ excluded the dense truth before the guard pair, the random start component and t
 rounding slack (``curvlab.extremes``, ``_solve_ends``, ``_exact``).
 """
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -270,3 +271,44 @@ def test_a_contradicted_subsample_bound_gives_no_kato_temple_side():
     interval, kt, _ = _level_interval(ctx, "max", pair, est, 1000)
     assert interval[1] == float("inf") and interval[0] <= 9.0
     assert _excesses(ctx, "max", pair, est, 1000) == (float("inf"), float("inf"))
+
+
+def test_half_level_prediction_takes_the_kato_temple_side():
+    # c50k-e28's level of 8,192 (of 50,000), lambda_min: the holdout's Rayleigh quotient
+    # -0.2965 +- 0.055 (se), the full-data residual bound 0.1076, the subsample's guard at
+    # -0.194 (residual 0.0245, converged).  The subsample bound predicts a half-width of about
+    # 3.2 targets on N/2 images; Kato-Temple with the holdout completing the data predicts
+    # (f res)^2 / (2 gap): f = 0.443 (8,192 -> 25,000 of 50,000), gap = -0.2185 - (-0.2965)
+    from curvlab.multilevel import _half_kato_temple, _half_prediction, _level_interval, _se_ratio
+    from curvlab.sampling import HoldoutEstimate
+    from curvlab.solve import EndPair, Guard, _Context
+
+    class _H:
+        num_samples = 50_000
+
+    ctx = _Context(H=_H(), which="SA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=100, max_basis=20,
+                   seed=0, bar=None, callback=None, z=1.96)
+    m, target = 8192, 0.01514
+    est = HoldoutEstimate(value=-0.29651, se=0.05497, std=0.05497 * math.sqrt(m / (1 - m / 50_000)),
+                          residual=0.10758, holdout=m)
+    guard = Guard(-0.19399, 0.024512, True, None)
+    pair = EndPair(-0.30912, None, 4.9e-6, True, guard)
+    interval, _, _ = _level_interval(ctx, "min", pair, est, m)
+    stat = _half_prediction(ctx, pair, est, m, interval) / target
+    kato = _half_kato_temple(ctx, "min", pair, est, m)
+    f = _se_ratio(m, 25_000, 50_000)
+    assert f == pytest.approx(0.443, abs=1e-3)
+    assert kato == pytest.approx((f * 0.10758) ** 2 / (2 * (-0.19399 - 0.024512 + 0.29651)))
+    assert kato / target == pytest.approx(0.96, abs=0.01) and stat > 3.0
+    # no side without a settled guard, with the neighbour inside the predicted residual, or
+    # for an end the holdout overturned
+    unsettled = EndPair(-0.30912, None, 4.9e-6, False, Guard(-0.19399, 0.024512, False, None))
+    assert _half_kato_temple(ctx, "min", unsettled, est, m) == math.inf
+    close = EndPair(-0.30912, None, 4.9e-6, True, Guard(-0.26, 0.0, True, None))  # gap 0.0365 < 0.0477
+    assert _half_kato_temple(ctx, "min", close, est, m) == math.inf
+    ctx.overturned.add("min")
+    assert _half_kato_temple(ctx, "min", pair, est, m) == math.inf
+    # lambda_max mirrored: Rayleigh quotient 10, neighbour 8 + 0.1, residual 0.5
+    top = EndPair(10.02, None, 1e-6, True, Guard(8.0, 0.1, True, None))
+    up = HoldoutEstimate(value=10.0, se=0.01, std=1.0, residual=0.5, holdout=m)
+    assert _half_kato_temple(ctx, "max", top, up, m) == pytest.approx((f * 0.5) ** 2 / (2 * 1.9))
