@@ -719,10 +719,11 @@ def _half_kato_temple(ctx: _Context, end: str, pair: EndPair, est, m: int) -> fl
     samples, when that level's holdout completes the data (the Rayleigh quotient and the
     residual then exact, ``se = 0``: :func:`_certify` grows it so far where that side is
     predicted to pass, :func:`_wanted_holdout`, and the budget affords it; a holdout stopped
-    short gives about ``z se + res^2 / (2 (gap - z se))``): ``(f res)^2 / (2 gap)``, ``res`` this level's full-data residual bound scaled by the
-    finite-population factor ``f`` (:func:`_se_ratio`; the residual of a vector found on ``S``
-    is sampling noise), ``gap`` the distance from the holdout's Rayleigh quotient to the
-    level's neighbour (:func:`_neighbour`).  ``inf`` where the pair or its guard has not
+    short gives about ``z se + res^2 / (2 (gap - z se))``): ``(f res)^2 / (2 gap)``, ``res``
+    this level's full-data residual bound scaled by the finite-population factor ``f``
+    (:func:`_se_ratio`; the residual of a vector found on ``S`` is sampling noise), ``gap``
+    the distance from the holdout's Rayleigh quotient to the level's neighbour
+    (:func:`_neighbour`).  ``inf`` where the pair or its guard has not
     settled, or the predicted residual is not under the gap.  The subsample-bound prediction
     (:func:`_half_prediction`) misses this side, which certified ``lambda_min`` at
     ``c50k-e28`` (a bottom apart from its neighbour) at 0.16 of its target where that

@@ -62,7 +62,7 @@ def stubbed_exact():
 
     def stub(ctx, H, start, todo, guards=None):
         return {e: dict(value=math.nan, interval=(-math.inf, math.inf), vector=None, converged=False,
-                        solver=math.inf, sampling=math.inf, stubbed=True) for e in todo}
+                        solver=math.inf, sampling=math.inf) for e in todo}
 
     multilevel._exact = stub
     try:
