@@ -251,8 +251,8 @@ def _multilevel(ctx: _Context, v0, m: int, ends: List[str] | None = None, known:
     When the budget (``max_hvps``) runs out, the ends not done are returned
     with their last intervals and ``converged = False``.  A level's subsample
     is shrunk, if needed, so that a dozen products on it and a first holdout
-    chunk of its size fit the budget left; a level that would then be no
-    larger than twice the last one is not started.  The last level the budget
+    chunk of its size fit the budget left; a level that would then be
+    smaller than twice the last one is not started.  The last level the budget
     allows spends what is left on its holdout, up to all samples outside
     its subsample (a tighter inner side and estimate of the vector it found),
     unless an exact stage could still follow it.
@@ -530,8 +530,8 @@ def _under_half(sizes: dict, N: int) -> bool:
 def _warm_sizes(init, N: int, which: str, sample_size: int | None) -> int:
     """First subsample size of a warm-started call.
 
-    When the previous call certified every wanted end on subsamples under ``N/2``,
-    the smallest of their sizes; when it needed the exact stage or a half level (``N/2``)
+    When the previous call ended every wanted end on subsamples under ``N/2`` (certified
+    there or, its budget spent, not), the smallest of their sizes; when it needed the exact stage or a half level (``N/2``)
     for one, its last subsample level under ``N/2`` (whose vectors start the exact stage
     well; this call's start vectors come from the previous one; a half level, whose
     stratified allocation can fall short of ``N/2``, is not one: :func:`_last_sizes`), or
@@ -717,9 +717,12 @@ def _half_prediction(ctx: _Context, pair: EndPair, est, m: int, interval: tuple)
 def _half_kato_temple(ctx: _Context, end: str, pair: EndPair, est, m: int) -> float:
     """The half-width an end's Kato-Temple side is predicted to give at a level on ``N / 2``
     samples, when that level's holdout completes the data (the Rayleigh quotient and the
-    residual then exact, ``se = 0``: :func:`_certify` grows it so far where that side is
-    predicted to pass, :func:`_wanted_holdout`, and the budget affords it; a holdout stopped
-    short gives about ``z se + res^2 / (2 (gap - z se))``): ``(f res)^2 / (2 gap)``, ``res``
+    residual then exact, ``se = 0``).  Whether it does is not modelled: :func:`_certify`
+    takes all samples outside ``S`` once its next holdout would pass ``POLICY.all_rest`` of
+    them and the budget, less the exact stage's reserve, affords it (as at ``c50k-e28``);
+    only for ``lambda_max`` does :func:`_wanted_holdout` size the holdout by Kato-Temple's
+    side itself.  A holdout stopped short gives about ``z se + res^2 / (2 (gap - z se))``,
+    wider than predicted.  The prediction: ``(f res)^2 / (2 gap)``, ``res``
     this level's full-data residual bound scaled by the finite-population factor ``f``
     (:func:`_se_ratio`; the residual of a vector found on ``S`` is sampling noise), ``gap``
     the distance from the holdout's Rayleigh quotient to the level's neighbour

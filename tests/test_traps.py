@@ -273,6 +273,35 @@ def test_a_contradicted_subsample_bound_gives_no_kato_temple_side():
     assert _excesses(ctx, "max", pair, est, 1000) == (float("inf"), float("inf"))
 
 
+def test_an_unknown_spread_settles_no_unconverged_pair():
+    # a holdout that is everything outside S in one group (a batch that cannot be cut): its
+    # Rayleigh quotient is exact (se 0) but no spread is known (std inf), so the subsample
+    # spread is infinite.  A search the budget stopped (pair and guard unconverged) is trusted
+    # only where its residuals lie under a tenth of that spread; an infinite one must not
+    # pass them (the subsample bound's side is then open, which _neighbour takes as not
+    # settled), or Kato-Temple would close the outward side on an unfinished Krylov space
+    from curvlab.multilevel import _level_interval, _neighbour
+    from curvlab.sampling import HoldoutEstimate, extreme_interval
+    from curvlab.solve import EndPair, Guard, _Context
+
+    class _H:
+        num_samples = 2_000
+
+    ctx = _Context(H=_H(), which="SA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=10, max_basis=20,
+                   seed=0, bar=None, callback=None, z=1.96)
+    m, rest = 1_000, 1_000
+    est = HoldoutEstimate(value=-1.0, se=0.0, std=math.inf, residual=0.01, holdout=rest)
+    pair = EndPair(-1.02, None, 0.3, False, Guard(-0.5, 0.2, False, None))
+    stat = extreme_interval("min", est, pair.theta, pair.residual, ctx.z, m, 2_000)
+    assert _neighbour(ctx, "min", pair, est, m, stat) == (False, -math.inf)
+    interval, _, _ = _level_interval(ctx, "min", pair, est, m)
+    assert interval[0] == -math.inf and interval[1] == -1.0
+    # the same pair with a finite spread far above its residuals has settled
+    wide = HoldoutEstimate(value=-1.0, se=0.0, std=10.0 * math.sqrt(m), residual=0.01, holdout=rest)
+    stat = extreme_interval("min", wide, pair.theta, pair.residual, ctx.z, m, 2_000)
+    assert _neighbour(ctx, "min", pair, wide, m, stat) == (True, -0.5 - 0.2)
+
+
 def test_half_level_prediction_takes_the_kato_temple_side():
     # c50k-e28's level of 8,192 (of 50,000), lambda_min: the holdout's Rayleigh quotient
     # -0.2965 +- 0.055 (se), the full-data residual bound 0.1076, the subsample's guard at
