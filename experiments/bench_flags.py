@@ -11,7 +11,11 @@ interval holds the reference (``none`` at a tight tolerance, ``tol=tol_min=1e-4`
 Variants, for comparison with what the defaults were before (``--variants``): ``precond``
 (``lambda_min`` by the preconditioned LOBPCG route, ``APPROX_POLICY.precondition_min``) and
 ``exact-fisher`` (K-FAC and the diagonal built with the exact Fisher, ten backward passes per
-sample here instead of one).
+sample here instead of one).  ``--perfect-start``: also each ``which`` warm-started from the
+reference itself (``init=`` the float64 call, its eigenvectors converged to ``1e-4``), the
+least any start vector, and so any approximation's, could leave to the solver: what a flag
+could save at most, build aside; and both ends from the reference's top vector alone
+(``perfect top start``: what a perfect Gauss-Newton or K-FAC start would give).
 
 Run (1 thread)::
 
@@ -20,6 +24,7 @@ Run (1 thread)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,13 +41,14 @@ FLAGS = ("none", "diag", "ggn", "kfac")
 VARIANTS = {"default": {}, "precond": dict(precondition_min=True), "exact-fisher": dict(fisher="exact")}
 
 
-def call(model, X, Y, flag: str, which: str, rank: int, seed: int, variant: str = "default") -> dict:
+def call(model, X, Y, flag: str, which: str, rank: int, seed: int, variant: str = "default",
+         init=None) -> dict:
     policy = curvlab.solve.APPROX_POLICY
     saved = dict(vars(policy))
     vars(policy).update(VARIANTS[variant])
     try:
         r = curvlab.extremes(model, F.cross_entropy, (X, Y), curvature=flag, which=which, seed=seed,
-                             approx_rank=rank)
+                             approx_rank=rank, init=init)
     finally:
         vars(policy).update(saved)
     out = dict(flag=flag, variant=variant, rank=rank, seed=seed, which=which, hvps=r.cost.hvps,
@@ -72,6 +78,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--ranks", default="1,8", help="approx_rank values (the first also for the variants)")
     p.add_argument("--variants", default="precond,exact-fisher")
+    p.add_argument("--perfect-start", action="store_true",
+                   help="also each which warm-started from the reference (flag none): the floor under any start")
+    p.add_argument("--flags", default=",".join(FLAGS), help="comma-separated curvature flags")
     args = p.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -87,11 +96,21 @@ def main(argv=None):
         report["cases"][case] = out
         log(f"{case} (train acc {meta['train_acc']:.3f}): reference max {ref.lambda_max:.6g} "
             f"min {ref.lambda_min:.6g} ({ref.cost.hvps:.0f} HVPs)")
+        flags = args.flags.split(",")
+        # (the best any start could do: both reference vectors; the top one alone, which is all
+        # that a Gauss-Newton or K-FAC start can hold, for both ends)
+        starts = {"perfect start": ref, "perfect top start": dataclasses.replace(ref, vector_min=None)}
         for which in ("both", "LA"):
-            for flag, rank, variant in configurations(ranks, variants):
+            perfect = ([("none", 1, v) for v in starts if which == "both" or v == "perfect start"]
+                       if args.perfect_start else [])
+            for flag, rank, variant in [c for c in configurations(ranks, variants) if c[0] in flags] + perfect:
                 calls = []
                 for seed in range(args.seeds):
-                    d = call(model, X, Y, flag, which, rank, seed, variant)
+                    if variant in starts:
+                        d = call(model, X, Y, flag, which, rank, seed, init=starts[variant])
+                        d["variant"] = variant
+                    else:
+                        d = call(model, X, Y, flag, which, rank, seed, variant)
                     for end in ("max", "min"):
                         if end in d:
                             lo, hi = d[end]["interval"]
