@@ -326,7 +326,12 @@ def extremes(model: nn.Module, loss_fn: Callable, data, *, which: str = "both",
             1.0-1.8x (finding its top eigenvector takes about as many products as
             finding the Hessian's).  A ``lambda_min`` search preconditioned by
             ``(C + delta I)^{-1}`` cost 2-4x ``"none"`` and is off
-            (:data:`curvlab.solve.APPROX_POLICY`).
+            (:data:`curvlab.solve.APPROX_POLICY`).  No start could do much better:
+            the exact top eigenvector, free, leaves 0.79-0.90x of ``"none"`` for
+            ``lambda_max`` alone and 0.96-0.98x for both ends (the solver's
+            certification and the bottom remain; BENCHMARKS.md, "The floor under any
+            start"), so ``"none"``, the default, is the choice unless a measurement on
+            the user's own model says otherwise.
         approx_samples: samples the approximation is built from.
         approx_rank: top eigenvectors of the approximation in the start vector
             (1: for ``"kfac"`` within the seeds' scatter of 8, 18.9 against 21.9 and 45.5
