@@ -253,19 +253,26 @@ def test_a_one_parameter_model_with_a_curvature_flag(monkeypatch, precondition):
     assert r.lambda_min == pytest.approx(truth, rel=1e-10)
 
 
+def _level_context(N: int, which: str, max_hvps: int = 10):
+    """A multilevel context over ``N`` samples for the level functions alone (no operator)."""
+    from curvlab.solve import _Context
+
+    class _H:
+        num_samples = N
+
+    return _Context(H=_H(), which=which, tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=max_hvps,
+                    max_basis=20, seed=0, bar=None, callback=None, z=1.96)
+
+
 def test_a_contradicted_subsample_bound_gives_no_kato_temple_side():
     # reviewer's case: the subsample's extreme is 8 (guard 6, converged), the holdout puts
     # the vector's Rayleigh quotient at 9 +- 0.02: S under-represents the top, so neither
     # its bound nor Kato-Temple with S's guard as neighbour may close the outward side
     from curvlab.multilevel import _excesses, _level_interval
     from curvlab.sampling import HoldoutEstimate
-    from curvlab.solve import EndPair, Guard, _Context
+    from curvlab.solve import EndPair, Guard
 
-    class _H:
-        num_samples = 100_000
-
-    ctx = _Context(H=_H(), which="LA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=10, max_basis=20,
-                   seed=0, bar=None, callback=None, z=1.96)
+    ctx = _level_context(100_000, "LA", max_hvps=10)
     pair = EndPair(8.0, None, 0.01, True, Guard(6.0, 0.01, True, None))
     est = HoldoutEstimate(value=9.0, se=0.01, std=1.0, residual=0.05, holdout=5000)
     interval, kt, _ = _level_interval(ctx, "max", pair, est, 1000)
@@ -282,13 +289,9 @@ def test_an_unknown_spread_settles_no_unconverged_pair():
     # settled), or Kato-Temple would close the outward side on an unfinished Krylov space
     from curvlab.multilevel import _level_interval, _neighbour
     from curvlab.sampling import HoldoutEstimate, extreme_interval
-    from curvlab.solve import EndPair, Guard, _Context
+    from curvlab.solve import EndPair, Guard
 
-    class _H:
-        num_samples = 2_000
-
-    ctx = _Context(H=_H(), which="SA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=10, max_basis=20,
-                   seed=0, bar=None, callback=None, z=1.96)
+    ctx = _level_context(2_000, "SA", max_hvps=10)
     m, rest = 1_000, 1_000
     est = HoldoutEstimate(value=-1.0, se=0.0, std=math.inf, residual=0.01, holdout=rest)
     pair = EndPair(-1.02, None, 0.3, False, Guard(-0.5, 0.2, False, None))
@@ -310,13 +313,9 @@ def test_half_level_prediction_takes_the_kato_temple_side():
     # (f res)^2 / (2 gap): f = 0.443 (8,192 -> 25,000 of 50,000), gap = -0.2185 - (-0.2965)
     from curvlab.multilevel import _half_kato_temple, _half_prediction, _level_interval, _se_ratio
     from curvlab.sampling import HoldoutEstimate
-    from curvlab.solve import EndPair, Guard, _Context
+    from curvlab.solve import EndPair, Guard
 
-    class _H:
-        num_samples = 50_000
-
-    ctx = _Context(H=_H(), which="SA", tol=1e-2, tol_min=5e-2, floor=0.0, max_hvps=100, max_basis=20,
-                   seed=0, bar=None, callback=None, z=1.96)
+    ctx = _level_context(50_000, "SA", max_hvps=100)
     m, target = 8192, 0.01514
     est = HoldoutEstimate(value=-0.29651, se=0.05497, std=0.05497 * math.sqrt(m / (1 - m / 50_000)),
                           residual=0.10758, holdout=m)
